@@ -1,0 +1,382 @@
+"""The public ops: one entry per op that validates its inputs, picks a backend and wires autograd.
+
+Each op is a ``torch.library`` custom op (``torch.ops.fastgpt.*``), so ``torch.compile`` sees
+one opaque node per call and ``torch.library.opcheck`` can check its schema, fake tensor
+and autograd registrations. Backend resolution happens inside the op, at run time, so that
+``backend="auto"`` and ``FASTGPT_BACKEND`` never break a compiled graph.
+
+A backend is a module with the functions named in ``DESIGN.md``::
+
+    attention_forward(q, k, v, causal, scale)                       -> (o, lse)
+    attention_backward(do, q, k, v, o, lse, causal, scale)          -> (dq, dk, dv)
+    attention_unsupported(q, k, v)                                  -> None or a reason
+    add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32)
+                                                                    -> (y, h, mean, rstd)
+    add_layer_norm_backward(dy, dh, h, weight, bias, mean, rstd, is_rms_norm)
+                                                                    -> (dx, dweight, dbias)
+    add_layer_norm_unsupported(x, residual, weight, bias)           -> None or a reason
+"""
+
+import importlib
+import math
+import os
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKEND_NAMES = ("triton", "native", "reference")
+_CHOICES = ("auto",) + BACKEND_NAMES
+
+# where each op's implementation lives, per backend
+_IMPLEMENTATIONS = {
+    "attention": {
+        "triton": "fastgpt.kernels.attention",
+        "native": "fastgpt.native",
+        "reference": "fastgpt.reference",
+    },
+    "add_layer_norm": {
+        "triton": "fastgpt.kernels.add_layer_norm",
+        "native": "fastgpt.native",
+        "reference": "fastgpt.reference",
+    },
+}
+
+# the order `auto` tries backends in, by device type; the reference is always last
+_AUTO_ORDER = {"cuda": ("triton", "native"), "cpu": ("native",)}
+
+
+class BackendError(RuntimeError):
+    """A backend was named explicitly but cannot run these inputs (or is not installed)."""
+
+
+def _backend_availability(name):
+    """(available, reason) for one backend, without touching any tensor."""
+    if name == "reference":
+        return True, "plain PyTorch, runs anywhere"
+    if name == "native":
+        from fastgpt import native
+
+        return native.available()
+    from fastgpt import kernels
+
+    return kernels.available()
+
+
+def backends():
+    """``{name: {"available": bool, "reason": str}}`` for every backend."""
+    report = {}
+    for name in BACKEND_NAMES:
+        ok, reason = _backend_availability(name)
+        report[name] = {"available": ok, "reason": reason}
+    return report
+
+
+def _implementation(op, name):
+    return importlib.import_module(_IMPLEMENTATIONS[op][name])
+
+
+def _unsupported_reason(op, name, args):
+    """None when backend ``name`` can run ``op`` on ``args``, else why not."""
+    ok, reason = _backend_availability(name)
+    if not ok:
+        return reason
+    try:
+        impl = _implementation(op, name)
+    except ImportError as exc:
+        return f"cannot import {_IMPLEMENTATIONS[op][name]}: {exc}"
+    return getattr(impl, f"{op}_unsupported")(*args)
+
+
+_warned = set()
+
+
+def _warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _resolve(op, backend, args):
+    """The implementation module that runs ``op``: the named backend, or ``auto``'s choice."""
+    if backend == "auto":
+        backend = os.environ.get("FASTGPT_BACKEND", "auto") or "auto"
+        if backend not in _CHOICES:
+            raise ValueError(f"FASTGPT_BACKEND must be one of {_CHOICES}, got {backend!r}")
+    if backend != "auto":
+        reason = _unsupported_reason(op, backend, args)
+        if reason is not None:
+            raise BackendError(f"fastgpt.ops.{op}: backend {backend!r} cannot run these inputs: {reason}")
+        return _implementation(op, backend)
+    reasons = []
+    for name in _AUTO_ORDER.get(args[0].device.type, ()):
+        reason = _unsupported_reason(op, name, args)
+        if reason is None:
+            return _implementation(op, name)
+        reasons.append(f"{name}: {reason}")
+    if reasons:
+        _warn_once(f"fastgpt.ops.{op} falls back to the reference backend ({'; '.join(reasons)})")
+    return _implementation(op, "reference")
+
+
+def _check_backend_name(backend):
+    if not isinstance(backend, str) or backend not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
+
+
+def _check_tensor(name, t, ndim=None):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(t.shape)}")
+
+
+def _check_same(name, t, ref_name, ref):
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@torch.library.custom_op("fastgpt::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    return _resolve("attention", backend, (q, k, v)).attention_forward(q, k, v, causal, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, scale, backend):
+    b, h, s, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastgpt::attention_backward", mutates_args=())
+def _attention_backward_op(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float, backend: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    impl = _resolve("attention", backend, (q, k, v))
+    return impl.attention_backward(do, q, k, v, o, lse, causal, scale)
+
+
+@_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, causal, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_autograd(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastgpt.attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+_attention_op.register_autograd(_attention_autograd, setup_context=_attention_setup_context)
+
+
+def attention(q, k, v, *, causal=True, scale=None, backend="auto"):
+    """Multi-head attention ``softmax(q kᵀ · scale) v`` without materializing the score matrix.
+
+    q: ``(batch, heads, seq_q, head_dim)``; k, v: ``(batch, kv_heads, seq_k, head_dim)`` with
+    ``heads % kv_heads == 0`` (GQA/MQA share each key/value head without copying). Any strides.
+    ``causal`` masks aligned bottom-right: query ``i`` sees keys ``j <= i + seq_k - seq_q``
+    (a row that sees no key outputs zeros). ``scale`` defaults to ``1/sqrt(head_dim)``.
+    Returns the output, shaped like ``q`` and contiguous.
+    """
+    _check_backend_name(backend)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, ndim=4)
+    _check_same("k", k, "q", q)
+    _check_same("v", v, "q", q)
+    b, heads, seq_q, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(
+            f"k must have shape (batch={b}, kv_heads, seq_k, head_dim={d}) to match q {tuple(q.shape)}, "
+            f"got {tuple(k.shape)}"
+        )
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    if min(b, heads, seq_q, d, kv_heads, seq_k) < 1:
+        raise ValueError(f"q, k and v must have no empty dimension, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if heads % kv_heads:
+        raise ValueError(f"q's heads ({heads}) must be a multiple of k's and v's kv_heads ({kv_heads})")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    o, _ = torch.ops.fastgpt.attention(q, k, v, bool(causal), float(scale), backend)
+    return o
+
+
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """``torch.nn.functional.scaled_dot_product_attention`` with fastgpt's attention where it applies.
+
+    Same signature and semantics as torch (its causal mask is aligned top-left). Calls that
+    fastgpt does not accelerate — an explicit mask, dropout, a causal mask with
+    ``seq_q != seq_k``, other layouts — go to torch unchanged.
+    """
+    fast = (
+        isinstance(query, Tensor)
+        and attn_mask is None
+        and dropout_p == 0.0
+        and query.dim() == 4
+        and isinstance(key, Tensor)
+        and isinstance(value, Tensor)
+        and key.dim() == 4
+        and key.shape == value.shape
+        and query.dtype == key.dtype == value.dtype
+        and (query.shape[1] == key.shape[1] or (enable_gqa and query.shape[1] % key.shape[1] == 0))
+        and (not is_causal or query.shape[2] == key.shape[2])
+    )
+    if not fast:
+        kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
+        )
+    return attention(query, key, value, causal=is_causal, scale=scale)
+
+
+# ----------------------------------------------------------------------------- add + LayerNorm
+
+
+@torch.library.custom_op("fastgpt::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(
+    x: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    is_rms_norm: bool,
+    residual_in_fp32: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = _resolve("add_layer_norm", backend, (x, residual, weight, bias))
+    return impl.add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32)
+
+
+def _residual_dtype(x, residual_in_fp32):
+    return torch.float32 if residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+@_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, backend):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=_residual_dtype(x, residual_in_fp32)), stats, stats.clone()
+
+
+@torch.library.custom_op("fastgpt::add_layer_norm_backward", mutates_args=())
+def _add_layer_norm_backward_op(
+    dy: Tensor,
+    dh: Optional[Tensor],
+    h: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    is_rms_norm: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    impl = _resolve("add_layer_norm", backend, (h, h, weight, bias))
+    dx, dweight, dbias = impl.add_layer_norm_backward(dy, dh, h, weight, bias, mean, rstd, is_rms_norm)
+    # a custom op returns tensors, not None: absent parameters get an empty gradient
+    return dx, h.new_empty(0) if dweight is None else dweight, h.new_empty(0) if dbias is None else dbias
+
+
+@_add_layer_norm_backward_op.register_fake
+def _(dy, dh, h, weight, bias, mean, rstd, is_rms_norm, backend):
+    def like(p):
+        return h.new_empty(0) if p is None else p.new_empty(p.shape)
+
+    return h.new_empty(h.shape), like(weight), like(bias)
+
+
+def _add_layer_norm_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, backend = inputs
+    _, h, mean, rstd = output
+    ctx.save_for_backward(h, weight, bias, mean, rstd)
+    ctx.is_rms_norm, ctx.backend = is_rms_norm, backend
+    ctx.x_dtype, ctx.residual_dtype = x.dtype, residual.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # post-norm never uses h: skip reading a zero dh
+
+
+def _add_layer_norm_autograd(ctx, dy, dh, _dmean, _drstd):
+    h, weight, bias, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(h, dtype=ctx.x_dtype)
+    dx, dweight, dbias = torch.ops.fastgpt.add_layer_norm_backward(
+        dy, dh, h, weight, bias, mean, rstd, ctx.is_rms_norm, ctx.backend
+    )
+    return (
+        dx.to(ctx.x_dtype),
+        dx.to(ctx.residual_dtype),
+        dweight if weight is not None else None,
+        dbias if bias is not None else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_add_layer_norm_op.register_autograd(_add_layer_norm_autograd, setup_context=_add_layer_norm_setup_context)
+
+
+def _add_norm(op_name, x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, backend):
+    _check_backend_name(backend)
+    _check_tensor("x", x)
+    _check_tensor("residual", residual)
+    if x.dim() < 1 or x.shape[-1] < 1 or x.numel() == 0:
+        raise ValueError(f"x must have a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.device != x.device:
+        raise ValueError(f"residual must be on the device of x ({x.device}), got {residual.device}")
+    if residual.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"residual must have the dtype of x ({x.dtype}) or float32, got {residual.dtype}")
+    n = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        _check_tensor(name, p)
+        if p.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},) to match x's last dimension, got {tuple(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {p.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    y, h, _, _ = torch.ops.fastgpt.add_layer_norm(
+        x, residual, weight, bias, float(eps), is_rms_norm, bool(residual_in_fp32), backend
+    )
+    return y, h
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, *, residual_in_fp32=False, backend="auto"):
+    """Fused ``h = x + residual; y = layer_norm(h) * weight + bias`` → ``(y, h)``.
+
+    Post-norm blocks use ``y``; pre-norm blocks carry ``h`` on as the residual stream.
+    ``weight``/``bias`` of shape ``(hidden,)`` are optional. ``residual`` may be float32 when
+    ``x`` is half precision, and ``residual_in_fp32=True`` keeps ``h`` in float32. Mean and
+    1/std are computed in float32 whatever the input dtype.
+    """
+    return _add_norm("add_layer_norm", x, residual, weight, bias, eps, False, residual_in_fp32, backend)
+
+
+def add_rms_norm(x, residual, weight=None, eps=1e-5, *, residual_in_fp32=False, backend="auto"):
+    """Fused ``h = x + residual; y = h / rms(h) * weight`` → ``(y, h)`` (RMSNorm: no mean, no bias)."""
+    return _add_norm("add_rms_norm", x, residual, weight, None, eps, True, residual_in_fp32, backend)

@@ -1,0 +1,111 @@
+"""The ``reference`` backend: every op written as the textbook formula in plain PyTorch.
+
+It is the fallback that runs anywhere and the readable statement of what the fast backends
+compute. Half-precision inputs are computed in float32 and the results cast back, so the
+reference is as accurate as the fast paths are asked to be. Functions keep the backend
+contract of ``DESIGN.md``: same names and signatures in every backend.
+"""
+
+import math
+
+import torch
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _expand_kv(t, heads):
+    """Repeat each key/value head for the query heads that share it (GQA/MQA)."""
+    return t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _visible_keys(seq_q, seq_k, device):
+    """Causal mask aligned bottom-right: query i sees keys j <= i + seq_k - seq_q."""
+    return torch.tril(torch.ones(seq_q, seq_k, dtype=torch.bool, device=device), diagonal=seq_k - seq_q)
+
+
+def _probabilities(q, k, causal, scale):
+    """softmax(Q Kᵀ · scale) with the causal mask, and its log-sum-exp; rows that see no key give 0 / -inf."""
+    scores = q @ k.transpose(-2, -1) * scale
+    if causal:
+        scores = scores.masked_fill(~_visible_keys(q.shape[-2], k.shape[-2], q.device), -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # a row with every key masked has no probabilities
+    return probs, lse
+
+
+def attention_unsupported(q, k, v):
+    return None  # the reference runs every valid input
+
+
+def attention_forward(q, k, v, causal, scale):
+    heads = q.shape[1]
+    ct = _compute_dtype(q.dtype)
+    q32, k32, v32 = q.to(ct), _expand_kv(k, heads).to(ct), _expand_kv(v, heads).to(ct)
+    probs, lse = _probabilities(q32, k32, causal, scale)
+    o = probs @ v32
+    return o.to(q.dtype), lse.to(torch.float32)
+
+
+def attention_backward(do, q, k, v, o, lse, causal, scale):
+    heads, kv_heads = q.shape[1], k.shape[1]
+    ct = _compute_dtype(q.dtype)
+    q32, k32, v32 = q.to(ct), _expand_kv(k, heads).to(ct), _expand_kv(v, heads).to(ct)
+    do32, o32 = do.to(ct), o.to(ct)
+    probs, _ = _probabilities(q32, k32, causal, scale)
+    dv = probs.transpose(-2, -1) @ do32
+    dprobs = do32 @ v32.transpose(-2, -1)
+    delta = (do32 * o32).sum(-1, keepdim=True)  # rowsum(dO ∘ O) == rowsum(P ∘ dP)
+    dscores = probs * (dprobs - delta)
+    dq = dscores @ k32 * scale
+    dk = dscores.transpose(-2, -1) @ q32 * scale
+    if kv_heads != heads:  # sum the gradients of the query heads that share a key/value head
+        b, _, s, d = dk.shape
+        dk = dk.view(b, kv_heads, heads // kv_heads, s, d).sum(2)
+        dv = dv.view(b, kv_heads, heads // kv_heads, s, d).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def add_layer_norm_unsupported(x, residual, weight, bias):
+    return None
+
+
+def add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32):
+    ct = _compute_dtype(x.dtype)
+    h32 = x.to(ct) + residual.to(ct)
+    if is_rms_norm:
+        mean = torch.zeros(h32.shape[:-1], dtype=ct, device=x.device)
+        var = (h32 * h32).mean(-1)
+    else:
+        mean = h32.mean(-1)
+        var = ((h32 - mean.unsqueeze(-1)) ** 2).mean(-1)
+    rstd = torch.rsqrt(var + eps)
+    y = (h32 - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    if weight is not None:
+        y = y * weight.to(ct)
+    if bias is not None:
+        y = y + bias.to(ct)
+    h_dtype = torch.float32 if residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return y.to(x.dtype), h32.to(h_dtype), mean.to(torch.float32), rstd.to(torch.float32)
+
+
+def add_layer_norm_backward(dy, dh, h, weight, bias, mean, rstd, is_rms_norm):
+    ct = _compute_dtype(h.dtype)
+    n = h.shape[-1]
+    xhat = (h.to(ct) - mean.to(ct).unsqueeze(-1)) * rstd.to(ct).unsqueeze(-1)
+    dy32 = dy.to(ct)
+    dxhat = dy32 * weight.to(ct) if weight is not None else dy32
+    # d/dh of (h - mean)·rstd: subtract the mean of dxhat (LayerNorm only) and its projection on xhat
+    proj = (dxhat * xhat).sum(-1, keepdim=True) / n
+    if is_rms_norm:
+        dx = (dxhat - xhat * proj) * rstd.to(ct).unsqueeze(-1)
+    else:
+        dx = (dxhat - dxhat.mean(-1, keepdim=True) - xhat * proj) * rstd.to(ct).unsqueeze(-1)
+    if dh is not None:
+        dx = dx + dh.to(ct)
+    rows = dy32.reshape(-1, n)
+    dweight = (rows * xhat.reshape(-1, n)).sum(0).to(weight.dtype) if weight is not None else None
+    dbias = rows.sum(0).to(bias.dtype) if bias is not None else None
+    return dx.to(h.dtype), dweight, dbias

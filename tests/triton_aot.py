@@ -1,0 +1,116 @@
+"""Compile Triton kernels ahead of time for real GPUs, with no GPU present.
+
+Run as a script in a process of its own — ``python tests/triton_aot.py fastgpt.kernels.attention``
+— because kernels defined under ``TRITON_INTERPRET=1`` (as in the test suite) cannot be
+compiled. The kernel module lists what to compile in ``aot_compile_specs()``: dicts with
+``name, kernel, signature, constexprs, num_warps, num_stages``, one per configuration its
+autotuner can pick. The script prints a resource report and, last, one JSON line with a
+record per (spec, arch). ``run_aot(module)`` does that from a test and returns the records.
+
+``triton.compile`` with a ``GPUTarget`` runs the whole NVIDIA pipeline (TTIR → TTGIR → LLVM
+→ PTX → cubin) on the CPU, so a kernel that only works in the interpreter fails here. The
+resource report comes from the ``cuobjdump`` shipped inside the triton package.
+"""
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ARCHS = (80, 90)  # Ampere (A100) and Hopper (H100/H200)
+
+
+def compile_kernel(kernel, signature, constexprs, arch, num_warps=4, num_stages=3):
+    """Compile ``kernel`` for ``sm_<arch>``; returns the compiled kernel (``.asm`` holds ptx and cubin)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+
+
+def _cuobjdump(*args):
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return subprocess.run([tool, *args], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(compiled):
+    """``{"registers", "stack", "shared", "local"}`` of a compiled kernel, from ``cuobjdump -res-usage``.
+
+    ``shared`` is the static shared memory in the cubin plus the dynamic amount Triton launches with.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = _cuobjdump("-res-usage", f.name)
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {
+        "registers": int(fields["REG"]),
+        "stack": int(fields["STACK"]),
+        "shared": int(fields["SHARED"]) + compiled.metadata.shared,
+        "local": int(fields["LOCAL"]),
+    }
+
+
+def sass(compiled):
+    """The SASS of a compiled kernel, from ``cuobjdump --dump-sass``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return _cuobjdump("--dump-sass", f.name)
+
+
+def report_line(name, arch, compiled):
+    usage = resource_usage(compiled)
+    return (
+        f"{name} sm_{arch} warps={compiled.metadata.num_warps} stages={compiled.metadata.num_stages}: "
+        f"{usage['registers']} registers, {usage['local']} B local (spills), {usage['stack']} B stack, "
+        f"{usage['shared']} B shared"
+    )
+
+
+def compile_module(module_name):
+    """Compile every spec of a kernel module for every arch; returns one record per (spec, arch)."""
+    module = importlib.import_module(module_name)
+    records = []
+    for spec in module.aot_compile_specs():
+        for arch in ARCHS:
+            compiled = compile_kernel(
+                spec["kernel"], spec["signature"], spec["constexprs"], arch, spec["num_warps"], spec["num_stages"]
+            )
+            print(report_line(spec["name"], arch, compiled), flush=True)
+            records.append(
+                {
+                    "name": spec["name"],
+                    "arch": arch,
+                    **resource_usage(compiled),
+                    "wgmma_in_ptx": "wgmma" in compiled.asm["ptx"],
+                    "hgmma_in_sass": arch >= 90 and "HGMMA" in sass(compiled),
+                }
+            )
+    return records
+
+
+def run_aot(module_name, timeout=1200):
+    """Run this file as a script on ``module_name`` in a fresh process without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, __file__, module_name], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    print(proc.stdout)
+    if proc.returncode != 0:
+        raise AssertionError(f"ahead-of-time compile of {module_name} failed:\n{proc.stdout}\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_module(sys.argv[1])))
