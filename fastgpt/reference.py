@@ -74,7 +74,10 @@ def add_layer_norm_unsupported(x, residual, weight, bias):
 
 def add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32):
     ct = _compute_dtype(x.dtype)
-    h32 = x.to(ct) + residual.to(ct)
+    h_dtype = torch.float32 if residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    # normalize h as stored (rounded to its dtype), so the backward's recomputation from the stored
+    # h agrees with the forward: otherwise a constant row gives (h - mean) = rounding noise × rstd
+    h32 = (x.to(ct) + residual.to(ct)).to(h_dtype).to(ct)
     if is_rms_norm:
         mean = torch.zeros(h32.shape[:-1], dtype=ct, device=x.device)
         var = (h32 * h32).mean(-1)
@@ -87,7 +90,6 @@ def add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual
         y = y * weight.to(ct)
     if bias is not None:
         y = y + bias.to(ct)
-    h_dtype = torch.float32 if residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     return y.to(x.dtype), h32.to(h_dtype), mean.to(torch.float32), rstd.to(torch.float32)
 
 

@@ -1,0 +1,211 @@
+"""fastgpt.ops.attention: every backend against a float64 formula written here, forward and backward."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, skip_unless_runs
+
+import fastgpt
+from fastgpt import ops
+
+BACKENDS = ["reference", "native", "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (batch, heads, kv_heads, seq_q, seq_k, head_dim, causal): odd sizes, GQA/MQA, decode, sq > sk
+SHAPES = [
+    (1, 1, 1, 1, 1, 16, True),
+    (2, 3, 3, 7, 7, 24, True),
+    (1, 4, 2, 33, 65, 40, True),  # more keys than queries: a chunk of new tokens against a cache
+    (2, 2, 1, 65, 33, 16, True),  # more queries than keys: the first rows see no key at all
+    (1, 2, 2, 1, 130, 64, True),  # decode: one query against a long cache
+    (2, 4, 1, 17, 17, 80, False),  # multi-query, not causal
+    (1, 2, 2, 64, 64, 128, True),
+    (1, 2, 1, 9, 9, 160, True),
+    (1, 1, 1, 5, 9, 256, False),
+]
+
+
+def attention_float64(q, k, v, causal, scale):
+    """softmax(q kᵀ · scale) v in float64 with the bottom-right causal mask; rows that see nothing give 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    visible = torch.ones(seq_q, seq_k, dtype=torch.bool)
+    if causal:
+        visible = torch.arange(seq_k)[None, :] <= torch.arange(seq_q)[:, None] + (seq_k - seq_q)
+    row_sees_something = visible.any(-1, keepdim=True)
+    scores = torch.where(visible, scores, -math.inf)
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.softmax(torch.where(row_sees_something, scores, 0.0), -1) * row_sees_something
+    return torch.einsum("bhij,bhjd->bhid", probs, v), lse
+
+
+def make_qkv(shape, dtype, device, layout):
+    """Random q, k, v; "strided" builds them as views of (batch, seq, heads, wider_dim) tensors."""
+    b, h, kvh, sq, sk, d, _ = shape
+
+    def one(heads, seq):
+        if layout == "contiguous":
+            return torch.randn(b, heads, seq, d, dtype=dtype, device=device)
+        wide = torch.randn(b, seq, heads, d + 3, dtype=dtype, device=device)
+        return wide[..., 1 : d + 1].transpose(1, 2)
+
+    return one(h, sq), one(kvh, sk), one(kvh, sk)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}h{}kv{}q{}k{}d{}{}".format(*s[:6], "c" if s[6] else ""))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_and_backward_match_float64(backend, shape, dtype, layout, device, poisoned_outputs):
+    skip_unless_runs(backend, device, dtype)
+    causal = shape[-1]
+    q, k, v = make_qkv(shape, dtype, device, layout)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    do = torch.randn(q.shape, dtype=dtype, device=device)
+
+    o, lse = torch.ops.fastgpt.attention(q, k, v, causal, scale, backend)
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    o64, lse64 = attention_float64(q64, k64, v64, causal, scale)
+    o64.backward(do.cpu().double())
+
+    assert o.dtype == dtype and o.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    assert_close("o", o, o64, dtype)
+    seen = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse).cpu(), seen), "lse must be -inf exactly for rows that see no key"
+    assert_close("lse", lse.cpu()[seen], lse64[seen], dtype)
+
+    dq, dk, dv = torch.ops.fastgpt.attention_backward(do, q, k, v, o, lse, causal, scale, backend)
+    for name, grad, ref, like in (("dq", dq, q64.grad, q), ("dk", dk, k64.grad, k), ("dv", dv, v64.grad, v)):
+        assert grad.dtype == like.dtype and grad.shape == like.shape
+        assert_close(name, grad, ref, dtype, factor=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autograd_through_public_op(backend, device):
+    skip_unless_runs(backend, device)
+    shape = (2, 4, 2, 19, 19, 32, True)
+    q, k, v = (t.requires_grad_() for t in make_qkv(shape, torch.float32, device, "strided"))
+    o = ops.attention(q, k, v, causal=True, scale=0.3, backend=backend)
+    do = torch.randn_like(o)
+    o.backward(do)
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    o64, _ = attention_float64(q64, k64, v64, True, 0.3)
+    o64.backward(do.cpu().double())
+    assert_close("o", o, o64, torch.float32)
+    for name, t, t64 in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert_close(name, t.grad, t64.grad, torch.float32, factor=2.0)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_backward_accepts_reference_forward(backend, device):
+    """The shared contract: any backend's backward runs on any backend's (o, lse)."""
+    skip_unless_runs(backend, device)
+    q, k, v = make_qkv((1, 4, 2, 23, 23, 48, True), torch.float32, device, "contiguous")
+    do = torch.randn_like(q)
+    o, lse = torch.ops.fastgpt.attention(q, k, v, True, 0.2, "reference")
+    expected = torch.ops.fastgpt.attention_backward(do, q, k, v, o, lse, True, 0.2, "reference")
+    got = torch.ops.fastgpt.attention_backward(do, q, k, v, o, lse, True, 0.2, backend)
+    for name, g, e in zip(("dq", "dk", "dv"), got, expected):
+        assert_close(name, g, e, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_and_compile_fullgraph(backend, device):
+    skip_unless_runs(backend, device)
+    q, k, v = (t.requires_grad_() for t in make_qkv((1, 2, 1, 9, 9, 16, True), torch.float32, device, "contiguous"))
+    torch.library.opcheck(torch.ops.fastgpt.attention.default, (q, k, v, True, 0.25, backend))
+
+    def loss(q, k, v):
+        return ops.attention(q, k, v, backend=backend).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="eager")
+    compiled(q, k, v).backward()
+    expected_grad = q.grad.clone()
+    q.grad = None
+    loss(q, k, v).backward()
+    assert_close("dq", expected_grad, q.grad, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"is_causal": True},
+        {"is_causal": True, "scale": 0.5},
+        {"attn_mask": "bool"},
+        {"dropout_p": 0.0, "is_causal": False, "enable_gqa": True},
+    ],
+    ids=["plain", "causal", "causal-scale", "mask", "gqa"],
+)
+def test_scaled_dot_product_attention_matches_torch(kwargs, device):
+    kwargs = dict(kwargs)
+    kv_heads = 2 if kwargs.get("enable_gqa") else 4
+    q = torch.randn(2, 4, 11, 16, device=device)
+    k, v = torch.randn(2, kv_heads, 11, 16, device=device), torch.randn(2, kv_heads, 11, 16, device=device)
+    if kwargs.get("attn_mask") == "bool":
+        kwargs["attn_mask"] = torch.rand(11, 11, device=device) > 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a fallback to the reference is fine here
+        out = ops.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert_close("out", out, F.scaled_dot_product_attention(q, k, v, **kwargs), torch.float32)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(1, 4, 8, 16)
+    k = torch.randn(1, 2, 8, 16)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        ops.attention(q.tolist(), k, k)
+    with pytest.raises(ValueError, match="q must be 4-dimensional"):
+        ops.attention(q[0], k, k)
+    with pytest.raises(TypeError, match="k must have the dtype of q"):
+        ops.attention(q, k.half(), k)
+    with pytest.raises(ValueError, match="multiple of"):
+        ops.attention(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16))
+    with pytest.raises(ValueError, match="k must have shape"):
+        ops.attention(q, torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32))
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        ops.attention(q, k, torch.randn(1, 2, 9, 16))
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.attention(q.long(), k.long(), k.long())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.attention(q, k, k, backend="cuda")
+    with pytest.raises(TypeError, match="scale must be a finite float"):
+        ops.attention(q, k, k, scale=float("nan"))
+    with pytest.raises(ValueError, match="no empty dimension"):
+        ops.attention(q[:, :, :0], k, k)
+
+
+def test_named_backend_that_cannot_run_raises():
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    unsupported = [name for name, info in fastgpt.backends().items() if name != "reference"]
+    for name in unsupported:  # float64 is the reference's alone
+        with pytest.raises(fastgpt.BackendError, match=name):
+            ops.attention(q, q, q, backend=name)
+
+
+def test_auto_falls_back_with_one_warning(fresh_warnings):
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="falls back to the reference backend") as record:
+        first = ops.attention(q, q, q)
+        second = ops.attention(q, q, q)
+    assert len([w for w in record if "falls back" in str(w.message)]) == 1
+    assert torch.equal(first, second)
+    assert_close("o", first, attention_float64(q, q, q, True, 1 / math.sqrt(8))[0], torch.float32)
+
+
+def test_environment_variable_picks_the_backend(monkeypatch):
+    q = torch.randn(1, 1, 3, 8, dtype=torch.float64)
+    monkeypatch.setenv("FASTGPT_BACKEND", "reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the named reference backend runs float64 without falling back
+        ops.attention(q, q, q)
+    monkeypatch.setenv("FASTGPT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTGPT_BACKEND"):
+        ops.attention(q, q, q)
