@@ -4,7 +4,7 @@ Run as a script in a process of its own — ``python tests/triton_aot.py fastgpt
 — because kernels defined under ``TRITON_INTERPRET=1`` (as in the test suite) cannot be
 compiled. The kernel module lists what to compile in ``aot_compile_specs()``: dicts with
 ``name, kernel, signature, constexprs, num_warps, num_stages``, one per configuration its
-autotuner can pick. The script prints a resource report and, last, one JSON line with a
+autotuner can pick (optionally ``attrs``). The script prints a resource report and, last, one JSON line with a
 record per (spec, arch). ``run_aot(module)`` does that from a test and returns the records.
 
 ``triton.compile`` with a ``GPUTarget`` runs the whole NVIDIA pipeline (TTIR → TTGIR → LLVM
@@ -23,13 +23,17 @@ import tempfile
 ARCHS = (80, 90)  # Ampere (A100) and Hopper (H100/H200)
 
 
-def compile_kernel(kernel, signature, constexprs, arch, num_warps=4, num_stages=3):
-    """Compile ``kernel`` for ``sm_<arch>``; returns the compiled kernel (``.asm`` holds ptx and cubin)."""
+def compile_kernel(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, attrs=None):
+    """Compile ``kernel`` for ``sm_<arch>``; returns the compiled kernel (``.asm`` holds ptx and cubin).
+
+    ``attrs`` (e.g. ``{(0,): [["tt.divisibility", 16]]}``) are the alignment facts Triton's launcher
+    specializes on at run time; without them the report describes scalar-load code that never runs.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(
         source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
     )
@@ -84,7 +88,13 @@ def compile_module(module_name):
     for spec in module.aot_compile_specs():
         for arch in ARCHS:
             compiled = compile_kernel(
-                spec["kernel"], spec["signature"], spec["constexprs"], arch, spec["num_warps"], spec["num_stages"]
+                spec["kernel"],
+                spec["signature"],
+                spec["constexprs"],
+                arch,
+                spec["num_warps"],
+                spec["num_stages"],
+                spec.get("attrs"),
             )
             print(report_line(spec["name"], arch, compiled), flush=True)
             records.append(
