@@ -44,15 +44,18 @@ def test_hopper_forward_uses_wgmma(records):
     assert not without, f"sm_90 forward configurations without wgmma/HGMMA: {without}"
 
 
-def test_resource_report(records):
-    """Not a check: prints registers, spills and shared memory of every compiled kernel (pytest -s).
-
-    Spills are reported, not asserted: they depend on the runtime specialization (unit last-dim
-    strides as constants, 16-byte divisibility) that each spec's "attrs" describes, and only
-    count once tests/triton_aot.py hands those attrs to triton.compile."""
+def test_forward_configurations_do_not_spill(records):
+    """Every forward configuration a generation's autotuner can pick fits in registers on that
+    generation (no local memory, no stack frame). The whole report prints with ``pytest -s``;
+    the backward kernels at head dim 128 still use a stack frame and are reported, not asserted."""
     print()
     print(f"{'kernel':<58} {'arch':>5} {'regs':>5} {'local':>6} {'stack':>6} {'shared':>7}")
     for r in records:
         print(
             f"{r['name']:<58} sm_{r['arch']:<3} {r['registers']:>4} {r['local']:>6} {r['stack']:>6} {r['shared']:>7}"
         )
+    generation = {80: "ampere", 90: "hopper"}
+    forward = [r for r in records if r["name"].startswith("forward") and _picked_on(r, generation[r["arch"]])]
+    assert forward
+    spilling = [f"{r['name']} sm_{r['arch']}" for r in forward if r["local"] or r["stack"]]
+    assert not spilling, f"forward configurations that spill: {spilling}"
