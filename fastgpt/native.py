@@ -1,10 +1,163 @@
-"""The ``native`` backend: thin wrappers over the C++/CUDA extension ``fastgpt._C``."""
+"""The ``native`` backend: thin wrappers over the C++/CUDA extension ``fastgpt._C``.
+
+The kernels are the ops ``torch.ops.fastgpt.native_*`` defined by the extension (CPU always,
+CUDA when it was built with a CUDA toolkit). This module registers their fake (meta)
+implementations, says which inputs they cannot run, and wraps them in the backend contract of
+``DESIGN.md``. Importing it never fails: without the extension ``available()`` says why.
+"""
+
+import torch
+
+try:
+    from fastgpt import _C
+except ImportError as exc:  # not built, or built against another torch (undefined symbols)
+    _C = None
+    _LOAD_ERROR = f"the C++ extension fastgpt._C is not built or failed to load ({exc})"
+else:
+    _LOAD_ERROR = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+# what the CUDA kernels (csrc/cuda) cover: WMMA tensor-core attention, one row in registers for add+LN
+CUDA_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_ATTENTION_HEAD_DIMS = (32, 64, 96, 128)
+CUDA_ADD_LAYER_NORM_MAX_HIDDEN = 16384
 
 
 def available():
     """(available, reason) for the native backend."""
-    try:
-        from fastgpt import _C
-    except ImportError as exc:
-        return False, f"the C++ extension fastgpt._C is not built or failed to load ({exc})"
+    if _C is None:
+        return False, _LOAD_ERROR
     return True, str(_C.build_info())
+
+
+def _build_info():
+    return _C.build_info() if _C is not None else {}
+
+
+def _has_kernel(op_name, device_type):
+    """Whether the extension registered a kernel for ``fastgpt::<op_name>`` on this device type."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastgpt::{op_name}", key)
+
+
+def _device_reason(op_name, device):
+    if _C is None:
+        return _LOAD_ERROR
+    if device.type == "cuda" and not _build_info().get("cuda", False):
+        return "fastgpt._C was built without CUDA (rebuild with a CUDA toolkit, FASTGPT_CUDA=1)"
+    if not _has_kernel(op_name, device.type):
+        return f"fastgpt._C has no {device.type} kernel for {op_name}"
+    return None
+
+
+def _dtype_reason(name, t):
+    if t.dtype not in SUPPORTED_DTYPES:
+        return f"{name} dtype {t.dtype} is not float32, float16 or bfloat16"
+    return None
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_unsupported(q, k, v):
+    reason = _device_reason("native_attention_forward", q.device)
+    if reason is not None:
+        return reason
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        reason = _dtype_reason(name, t)
+        if reason is not None:
+            return reason
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if q.device.type == "cuda":
+        if q.dtype not in CUDA_ATTENTION_DTYPES:
+            return f"the CUDA attention kernel takes float16/bfloat16, not {q.dtype}"
+        if q.shape[-1] not in CUDA_ATTENTION_HEAD_DIMS:
+            return f"the CUDA attention kernel takes head dims {CUDA_ATTENTION_HEAD_DIMS}, not {q.shape[-1]}"
+    return None
+
+
+def attention_forward(q, k, v, causal, scale):
+    return torch.ops.fastgpt.native_attention_forward(q, k, v, causal, scale)
+
+
+def _cuda_backward_fallback():
+    """The backend that runs the attention backward on CUDA when the extension has no CUDA kernel for it."""
+    from fastgpt import kernels
+
+    if kernels.available()[0]:
+        from fastgpt.kernels import attention
+
+        return attention
+    from fastgpt import reference
+
+    return reference
+
+
+def attention_backward(do, q, k, v, o, lse, causal, scale):
+    if q.device.type == "cuda" and not _build_info().get("cuda_attention_backward", False):
+        return _cuda_backward_fallback().attention_backward(do, q, k, v, o, lse, causal, scale)
+    return torch.ops.fastgpt.native_attention_backward(do, q, k, v, o, lse, causal, scale)
+
+
+# ----------------------------------------------------------------------------- add + LayerNorm
+
+
+def add_layer_norm_unsupported(x, residual, weight, bias):
+    reason = _device_reason("native_add_layer_norm_forward", x.device)
+    if reason is not None:
+        return reason
+    for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
+        reason = None if t is None else _dtype_reason(name, t)
+        if reason is not None:
+            return reason
+    if x.device.type == "cuda" and x.shape[-1] > CUDA_ADD_LAYER_NORM_MAX_HIDDEN:
+        return f"the CUDA add+LayerNorm kernel takes hidden sizes up to {CUDA_ADD_LAYER_NORM_MAX_HIDDEN}"
+    return None
+
+
+def add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32):
+    return torch.ops.fastgpt.native_add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32)
+
+
+def add_layer_norm_backward(dy, dh, h, weight, bias, mean, rstd, is_rms_norm):
+    dx, dweight, dbias = torch.ops.fastgpt.native_add_layer_norm_backward(
+        dy, dh, h, weight, bias, mean, rstd, is_rms_norm
+    )
+    # the op returns empty tensors for absent parameters: the contract says None
+    return dx, dweight if weight is not None else None, dbias if bias is not None else None
+
+
+# ----------------------------------------------------------------------------- fake tensors
+
+
+def _register_fakes():
+    """Shapes and dtypes of the native ops' outputs, for torch.compile and opcheck (every device)."""
+
+    @torch.library.register_fake("fastgpt::native_attention_forward")
+    def _(q, k, v, causal, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("fastgpt::native_attention_backward")
+    def _(grad_out, q, k, v, out, lse, causal, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("fastgpt::native_add_layer_norm_forward")
+    def _(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32):
+        h_dtype = torch.float32 if residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+        return x.new_empty(x.shape), x.new_empty(x.shape, dtype=h_dtype), stats, stats.clone()
+
+    @torch.library.register_fake("fastgpt::native_add_layer_norm_backward")
+    def _(grad_y, grad_h, h, weight, bias, mean, rstd, is_rms_norm):
+        def like(p):
+            return h.new_empty(0) if p is None else p.new_empty(p.shape)
+
+        return h.new_empty(h.shape), like(weight), like(bias)
+
+
+# once per process: reloading this module (tests do) must not register them twice
+if _C is not None and not getattr(_C, "_fakes_registered", False):
+    _register_fakes()
+    _C._fakes_registered = True

@@ -1,0 +1,28 @@
+// CPU implementations of the native ops, registered for the CPU dispatch key in extension.cpp.
+// Schemas (and the contract they implement) are in extension.cpp and DESIGN.md.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastgpt::cpu {
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool is_rms_norm, bool residual_in_fp32);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& rstd, bool is_rms_norm);
+
+}  // namespace fastgpt::cpu

@@ -1,0 +1,123 @@
+// The fastgpt._C extension: the native ops' schemas, their CPU registrations, and the Python module.
+//
+// The schemas are defined here once; csrc/cuda/bindings.cpp (CUDA builds only) registers CUDA
+// kernels for the same ops. fastgpt/native.py registers the fake (meta) implementations and
+// wraps the ops in the backend contract of DESIGN.md.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdint>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#include "alloc_output.h"
+#include "cpu_ops.h"
+
+namespace fastgpt {
+
+namespace {
+std::atomic<bool> poison_outputs_flag{false};
+
+bool has_cuda_kernel(const char* op_name) {
+  auto op = c10::Dispatcher::singleton().findSchema({op_name, ""});
+  return op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+}
+
+const char* compiler_name() {
+#if defined(__clang__)
+  return "clang " __clang_version__;
+#elif defined(__GNUC__)
+  return "gcc " __VERSION__;
+#elif defined(_MSC_VER)
+  return "msvc";
+#else
+  return "unknown";
+#endif
+}
+}  // namespace
+
+bool poison_outputs_enabled() { return poison_outputs_flag.load(std::memory_order_relaxed); }
+
+void set_poison_outputs(bool enabled) { poison_outputs_flag.store(enabled, std::memory_order_relaxed); }
+
+void advise_huge_pages(const at::Tensor& fresh) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHugePage - 1);
+  if (last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only: errors are harmless
+  }
+#else
+  (void)fresh;
+#endif
+}
+
+}  // namespace fastgpt
+
+TORCH_LIBRARY(fastgpt, m) {
+  m.def("native_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "native_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "native_add_layer_norm_forward(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, "
+      "bool is_rms_norm, bool residual_in_fp32) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "native_add_layer_norm_backward(Tensor grad_y, Tensor? grad_h, Tensor h, Tensor? weight, Tensor? bias, "
+      "Tensor mean, Tensor rstd, bool is_rms_norm) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("native_attention_forward", &fastgpt::cpu::attention_forward);
+  m.impl("native_attention_backward", &fastgpt::cpu::attention_backward);
+  m.impl("native_add_layer_norm_forward", &fastgpt::cpu::add_layer_norm_forward);
+  m.impl("native_add_layer_norm_backward", &fastgpt::cpu::add_layer_norm_backward);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "fastgpt native kernels: ops are torch.ops.fastgpt.native_*; see fastgpt/native.py";
+  module.def(
+      "build_info",
+      []() {
+        pybind11::dict info;
+#ifdef FASTGPT_WITH_CUDA
+        info["cuda"] = true;
+        pybind11::list archs;
+        std::string arch_list = FASTGPT_CUDA_ARCHS;  // "80;90"
+        size_t start = 0;
+        while (start <= arch_list.size()) {
+          size_t end = arch_list.find(';', start);
+          if (end == std::string::npos) end = arch_list.size();
+          if (end > start) archs.append(arch_list.substr(start, end - start));
+          start = end + 1;
+        }
+        info["cuda_archs"] = archs;
+#else
+        info["cuda"] = false;
+        info["cuda_archs"] = pybind11::list();
+#endif
+        // which ops have a CUDA kernel, read from the dispatcher so it is true by construction
+        info["cuda_attention_forward"] = fastgpt::has_cuda_kernel("fastgpt::native_attention_forward");
+        info["cuda_attention_backward"] = fastgpt::has_cuda_kernel("fastgpt::native_attention_backward");
+        info["cuda_add_layer_norm"] = fastgpt::has_cuda_kernel("fastgpt::native_add_layer_norm_forward") &&
+                                      fastgpt::has_cuda_kernel("fastgpt::native_add_layer_norm_backward");
+#ifdef _OPENMP
+        info["openmp"] = true;
+#else
+        info["openmp"] = false;
+#endif
+        info["threads"] = at::get_num_threads();
+        info["torch"] = TORCH_VERSION;
+        info["compiler"] = fastgpt::compiler_name();
+        return info;
+      },
+      "How this extension was built: CUDA (and for which archs), OpenMP, threads, torch, compiler.");
+  module.def("_set_poison_outputs", &fastgpt::set_poison_outputs, pybind11::arg("enabled"),
+             "Test hook: when on, every output the native kernels allocate is filled with NaN first.");
+}

@@ -1,0 +1,67 @@
+// Moving rows of fp32/fp16/bf16 tensors to and from fp32 scratch buffers on the CPU.
+//
+// The CPU kernels compute in fp32 on small row-major buffers that stay in cache; these helpers
+// convert on the way in and out, so each kernel is written once for every input dtype and the
+// dtype switch happens once per row, not per element.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstring>
+
+namespace fastgpt::cpu {
+
+template <typename T>
+inline void load_row_typed(const T* src, int64_t stride, int64_t n, float* dst) {
+  if (stride == 1) {
+    at::vec::convert(src, dst, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i * stride]);
+  }
+}
+
+// dst[i] = float(src[i * stride]) for i < n; src points at elements of dtype `dtype`.
+inline void load_row(const void* src, at::ScalarType dtype, int64_t stride, int64_t n, float* dst) {
+  switch (dtype) {
+    case at::kFloat:
+      if (stride == 1) {
+        std::memcpy(dst, src, n * sizeof(float));
+      } else {
+        load_row_typed(static_cast<const float*>(src), stride, n, dst);
+      }
+      return;
+    case at::kHalf:
+      return load_row_typed(static_cast<const at::Half*>(src), stride, n, dst);
+    case at::kBFloat16:
+      return load_row_typed(static_cast<const at::BFloat16*>(src), stride, n, dst);
+    default:
+      TORCH_CHECK(false, "fastgpt native CPU kernels support float32, float16 and bfloat16, got ", dtype);
+  }
+}
+
+// dst[i] = src[i] rounded to `dtype`, for a contiguous destination row of n elements.
+inline void store_row(const float* src, int64_t n, at::ScalarType dtype, void* dst) {
+  switch (dtype) {
+    case at::kFloat:
+      std::memcpy(dst, src, n * sizeof(float));
+      return;
+    case at::kHalf:
+      return at::vec::convert(src, static_cast<at::Half*>(dst), n);
+    case at::kBFloat16:
+      return at::vec::convert(src, static_cast<at::BFloat16*>(dst), n);
+    default:
+      TORCH_CHECK(false, "fastgpt native CPU kernels support float32, float16 and bfloat16, got ", dtype);
+  }
+}
+
+// Address of element `index` of a tensor's storage, for the byte arithmetic of row pointers.
+inline const char* element_ptr(const at::Tensor& t, int64_t index) {
+  return static_cast<const char*>(t.const_data_ptr()) + index * static_cast<int64_t>(t.element_size());
+}
+
+inline char* mutable_element_ptr(const at::Tensor& t, int64_t index) {
+  return static_cast<char*>(t.data_ptr()) + index * static_cast<int64_t>(t.element_size());
+}
+
+}  // namespace fastgpt::cpu
