@@ -230,12 +230,13 @@ def build_parser():
     add_sample_arguments(sub.add_parser("sample", help="generate text from a checkpoint"))
     info = sub.add_parser("info", help="versions, device, extension and backends")
     info.add_argument("--json", action="store_true")
-    bench = sub.add_parser("bench", help="benchmark the kernels and the model against the alternatives")
     try:
         from fastgpt import bench as bench_module
 
+        bench = sub.add_parser("bench", help="benchmark the kernels and the model", description=bench_module.DESCRIPTION)
         bench_module.add_arguments(bench)
     except ImportError as exc:  # the benchmark needs matplotlib; everything else still works
+        bench = sub.add_parser("bench", help="benchmark the kernels and the model (unavailable here)")
         bench.set_defaults(bench_unavailable=str(exc))
     return parser
 

@@ -60,8 +60,10 @@ def _backend_availability(name):
         from fastgpt import native
 
         return native.available()
-    from fastgpt import kernels
-
+    try:
+        from fastgpt import kernels
+    except ImportError as exc:  # an install without the fastgpt.kernels mapping (e.g. a failed build)
+        return False, f"fastgpt.kernels is not installed ({exc})"
     return kernels.available()
 
 

@@ -20,14 +20,14 @@ PRESETS = {
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 600
+    max_steps: int = 1000
     batch_size: int = 32
     learning_rate: float = 2e-3
     min_learning_rate: float = 2e-4  # the cosine schedule ends here
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    eval_interval: int = 200  # steps between held-out evaluations (and checkpoints)
+    eval_interval: int = 250  # steps between held-out evaluations (and checkpoints)
     eval_batches: int = 8
     seed: int = 1337
 

@@ -1,0 +1,122 @@
+"""`fastgpt bench` on the CPU at smoke-test sizes: the JSON it writes and the plots.
+
+Timings themselves are never checked here (DESIGN.md: a timing lives in benchmarks/, never in a
+test's pass/fail) — only that every number comes with its context.
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fastgpt import bench
+
+REPO = Path(__file__).resolve().parents[1]
+MACHINE_FIELDS = ("cpu_model", "cpu_cores", "gpu_name", "gpu_driver", "torch", "triton", "cuda", "backends")
+MEASUREMENT_FIELDS = ("op", "pass", "shape", "dtype", "device", "implementation", "kind", "status", "reason")
+TIMING_FIELDS = ("median_ms", "p20_ms", "p80_ms", "reps")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    status = bench.main(["--quick", "--sizes", "tiny", "--device", "cpu", "--op", "all", "--out", str(out)])
+    with open(out / "results.json") as f:
+        data = json.load(f)
+    return status, out, data
+
+
+def test_bench_runs_and_writes_json(results):
+    status, _, data = results
+    assert status == 0, [m for m in data["measurements"] if m["status"] == "error"]
+    assert data["schema"] == bench.SCHEMA
+    assert data["settings"]["device"] == "cpu"
+
+
+def test_machine_fields(results):
+    machine = results[2]["machine"]
+    for name in MACHINE_FIELDS:
+        assert name in machine, name
+    assert machine["cpu_cores"] >= 1
+    assert machine["torch"]
+    assert set(machine["backends"]) == {"triton", "native", "reference"}
+
+
+def test_ceilings_measured(results):
+    ceilings = results[2]["ceilings"]
+    assert ceilings["copy"]["gbps"] > 0
+    assert ceilings["matmul"]["tflops"] > 0 and ceilings["matmul"]["dtype"] == "fp32"
+
+
+def test_measurement_fields(results):
+    measurements = results[2]["measurements"]
+    ops_seen = {m["op"] for m in measurements}
+    assert {"attention", "add_layer_norm"} <= ops_seen
+    for m in measurements:
+        if m["op"] == "model" and m["implementation"] == "all":  # fastgpt.nn missing: one skip record
+            assert m["status"] == "skipped"
+            continue
+        for name in MEASUREMENT_FIELDS:
+            assert name in m, (name, m)
+        assert m["status"] in ("ok", "skipped", "error")
+        if m["status"] != "ok":
+            assert m["reason"], m  # every gap says why
+            continue
+        for name in TIMING_FIELDS:
+            assert math.isfinite(m[name]) and m[name] > 0, (name, m)
+        assert m["p20_ms"] <= m["median_ms"] <= m["p80_ms"]
+
+
+def test_every_op_has_fastgpt_and_baseline_numbers(results):
+    measurements = results[2]["measurements"]
+    for op in ("attention", "add_layer_norm"):
+        timed = [m for m in measurements if m["op"] == op and m["status"] == "ok"]
+        assert {"fwd", "fwd+bwd"} <= {m["pass"] for m in timed}
+        assert any(m["implementation"] == "fastgpt/reference" for m in timed)
+        assert any(m["implementation"] == "torch eager" for m in timed)
+        ours = next(m for m in timed if m["implementation"] == "fastgpt/reference")
+        assert ours["speedup"]["torch eager"] > 0
+        rate, pct = ("tflops", "pct_of_matmul_ceiling") if op == "attention" else ("gbps", "pct_of_copy_ceiling")
+        assert ours[rate] > 0 and ours[pct] > 0
+    attention = [m for m in measurements if m["op"] == "attention"]
+    assert any(m["implementation"] == "sdpa" and m["status"] == "ok" for m in attention)
+    # the interpreter is never benchmarked
+    assert all(m["status"] == "skipped" for m in attention if m["implementation"] == "fastgpt/triton")
+
+
+def test_model_tokens_per_second(results):
+    model = [m for m in results[2]["measurements"] if m["op"] == "model"]
+    assert model
+    for m in model:
+        if m["status"] == "ok":
+            assert m["tokens_per_s"] > 0
+
+
+def test_plots_written(results):
+    pytest.importorskip("matplotlib")
+    _, out, data = results
+    assert "attention.png" in data["plots"] and "add_layer_norm.png" in data["plots"]
+    for name in data["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_table(results):
+    table = bench.markdown_table(results[2])
+    assert "| attention | fwd |" in table
+    assert "| add_layer_norm | fwd+bwd |" in table
+
+
+def test_report_merges_runs(results, tmp_path, capsys):
+    """benchmarks/report.py: several runs (one per op, as gpu_check.sh makes) into one JSON and table."""
+    spec = importlib.util.spec_from_file_location("report", REPO / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    _, out, data = results
+    merged_path = tmp_path / "merged.json"
+    assert report.main([str(out / "results.json"), str(out / "results.json"), "--merge-out", str(merged_path)]) == 0
+    merged = json.loads(merged_path.read_text())
+    assert len(merged["measurements"]) == 2 * len(data["measurements"])
+    assert len(merged["runs"]) == 2
+    assert "| attention | fwd |" in capsys.readouterr().out
