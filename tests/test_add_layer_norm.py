@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, skip_unless_runs
+from conftest import assert_close, skip_unless_runs, skip_unless_supports
 
 import fastgpt
 from fastgpt import ops
@@ -42,6 +42,7 @@ def run_and_check(backend, shape, dtype, device, layout, rms, affine, residual_d
     residual = make_input(shape, residual_dtype or dtype, device, "contiguous").requires_grad_()
     weight = (torch.randn(n, dtype=dtype, device=device) if "weight" in affine else None)
     bias = (torch.randn(n, dtype=dtype, device=device) if "bias" in affine and not rms else None)
+    skip_unless_supports("add_layer_norm", backend, x, residual, weight, bias)
     for p in (weight, bias):
         if p is not None:
             p.requires_grad_()
@@ -99,6 +100,7 @@ def test_residual_stream_in_float32(backend, device, poisoned_outputs):
     x = torch.randn(4, 200, dtype=torch.float16, device=device)
     residual = torch.randn(4, 200, dtype=torch.float32, device=device)
     weight = torch.randn(200, dtype=torch.float16, device=device)
+    skip_unless_supports("add_layer_norm", backend, x, residual, weight, None)
     y, h = ops.add_layer_norm(x, residual, weight, residual_in_fp32=True, backend=backend)
     assert h.dtype == torch.float32 and y.dtype == torch.float16
     y64, h64 = add_norm_float64(x, residual, weight, None, 1e-5, rms=False)
@@ -113,6 +115,7 @@ def test_backward_accepts_reference_forward(backend, device):
     skip_unless_runs(backend, device)
     x, r = torch.randn(5, 33, device=device), torch.randn(5, 33, device=device)
     w, b = torch.randn(33, device=device), torch.randn(33, device=device)
+    skip_unless_supports("add_layer_norm", backend, x, r, w, b)
     _, h, mean, rstd = torch.ops.fastgpt.add_layer_norm(x, r, w, b, 1e-5, False, False, "reference")
     dy, dh = torch.randn_like(x), torch.randn_like(x)
     expected = torch.ops.fastgpt.add_layer_norm_backward(dy, dh, h, w, b, mean, rstd, False, "reference")
@@ -128,6 +131,7 @@ def test_opcheck_and_compile_fullgraph(backend, rms, device):
     x, r = torch.randn(3, 40, device=device, requires_grad=True), torch.randn(3, 40, device=device, requires_grad=True)
     w = torch.randn(40, device=device, requires_grad=True)
     b = None if rms else torch.randn(40, device=device, requires_grad=True)
+    skip_unless_supports("add_layer_norm", backend, x, r, w, b)
     torch.library.opcheck(torch.ops.fastgpt.add_layer_norm.default, (x, r, w, b, 1e-5, rms, False, backend))
 
     def loss(x, r, w):

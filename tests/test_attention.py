@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, skip_unless_runs
+from conftest import assert_close, skip_unless_runs, skip_unless_supports
 
 import fastgpt
 from fastgpt import ops
@@ -66,6 +66,7 @@ def test_forward_and_backward_match_float64(backend, shape, dtype, layout, devic
     skip_unless_runs(backend, device, dtype)
     causal = shape[-1]
     q, k, v = make_qkv(shape, dtype, device, layout)
+    skip_unless_supports("attention", backend, q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1])
     do = torch.randn(q.shape, dtype=dtype, device=device)
 
@@ -92,6 +93,7 @@ def test_autograd_through_public_op(backend, device):
     skip_unless_runs(backend, device)
     shape = (2, 4, 2, 19, 19, 32, True)
     q, k, v = (t.requires_grad_() for t in make_qkv(shape, torch.float32, device, "strided"))
+    skip_unless_supports("attention", backend, q, k, v)
     o = ops.attention(q, k, v, causal=True, scale=0.3, backend=backend)
     do = torch.randn_like(o)
     o.backward(do)
@@ -108,6 +110,7 @@ def test_backward_accepts_reference_forward(backend, device):
     """The shared contract: any backend's backward runs on any backend's (o, lse)."""
     skip_unless_runs(backend, device)
     q, k, v = make_qkv((1, 4, 2, 23, 23, 48, True), torch.float32, device, "contiguous")
+    skip_unless_supports("attention", backend, q, k, v)
     do = torch.randn_like(q)
     o, lse = torch.ops.fastgpt.attention(q, k, v, True, 0.2, "reference")
     expected = torch.ops.fastgpt.attention_backward(do, q, k, v, o, lse, True, 0.2, "reference")
@@ -120,6 +123,7 @@ def test_backward_accepts_reference_forward(backend, device):
 def test_opcheck_and_compile_fullgraph(backend, device):
     skip_unless_runs(backend, device)
     q, k, v = (t.requires_grad_() for t in make_qkv((1, 2, 1, 9, 9, 16, True), torch.float32, device, "contiguous"))
+    skip_unless_supports("attention", backend, q, k, v)
     torch.library.opcheck(torch.ops.fastgpt.attention.default, (q, k, v, True, 0.25, backend))
 
     def loss(q, k, v):
