@@ -87,8 +87,10 @@ print(", ".join(f"{k}: " + ("yes" if v["available"] else f"NO ({v['reason'][:60]
 EOF
 )
 
-# 3. the test suite on CUDA
-step tests 100 $PY -m pytest tests -x -q -p no:cacheprovider
+# 3. the test suite on CUDA (the ahead-of-time Triton and nvcc compile checks need no GPU: CI runs them)
+step tests 120 $PY -m pytest tests -q -p no:cacheprovider --maxfail=20 \
+    --ignore=tests/test_attention_triton_aot.py --ignore=tests/test_add_layer_norm_triton_aot.py \
+    --ignore=tests/test_cuda_sources.py
 
 # 4. quick benchmarks, one step per op so a stuck one cannot starve the others
 for op_limit in attention:100 add_layer_norm:60 model:75; do

@@ -213,3 +213,23 @@ def test_environment_variable_picks_the_backend(monkeypatch):
     monkeypatch.setenv("FASTGPT_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="FASTGPT_BACKEND"):
         ops.attention(q, q, q)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: long sequences are too slow for the interpreter")
+@pytest.mark.parametrize("seq", [4096, 16384])
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_long_sequences_on_cuda(backend, seq):
+    """bf16 at long lengths against torch SDPA run in float32 (a float64 reference would not fit)."""
+    q = torch.randn(1, 4, seq, 128, dtype=torch.bfloat16, device="cuda")
+    k, v = torch.randn(2, 1, 2, seq, 128, dtype=torch.bfloat16, device="cuda").unbind(0)
+    skip_unless_supports("attention", backend, q, k, v)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = ops.attention(*leaves, causal=True, backend=backend)
+    do = torch.randn_like(o)
+    o.backward(do)
+    leaves32 = [t.float().requires_grad_() for t in (q, k, v)]
+    o32 = F.scaled_dot_product_attention(*leaves32, is_causal=True, enable_gqa=True)
+    o32.backward(do.float())
+    assert_close("o", o, o32, torch.bfloat16)
+    for name, t, t32 in zip(("dq", "dk", "dv"), leaves, leaves32):
+        assert_close(name, t.grad, t32.grad, torch.bfloat16, factor=2.0)
