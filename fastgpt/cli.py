@@ -125,7 +125,7 @@ def run_train(args):
     if args.resume:
         print(f"resuming from step {trainer.step} of {cfg.max_steps}")
     else:
-        print(f"step 0: held-out loss {_initial_loss(trainer):.4f}")
+        print(f"step 0: held-out loss {trainer.held_out_loss():.4f}")
     try:
         trainer.run(ckpt_file, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -137,12 +137,6 @@ def run_train(args):
         out = model.generate(encode(prompt).long()[None].to(device), args.sample_tokens, temperature=0.8, top_k=40)
         print("sample:\n" + decode(out[0]))
     return 0
-
-
-def _initial_loss(trainer):
-    from fastgpt.train import held_out_loss
-
-    return held_out_loss(trainer.model, trainer.dataset, trainer.cfg, trainer.device)
 
 
 # ----------------------------------------------------------------------------- sample

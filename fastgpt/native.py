@@ -8,6 +8,8 @@ implementations, says which inputs they cannot run, and wraps them in the backen
 
 import torch
 
+from fastgpt.reference import residual_stream_dtype
+
 try:
     from fastgpt import _C
 except ImportError as exc:  # not built, or built against another torch (undefined symbols)
@@ -148,9 +150,9 @@ def _register_fakes():
 
     @torch.library.register_fake("fastgpt::native_add_layer_norm_forward")
     def _(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32):
-        h_dtype = torch.float32 if residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-        return x.new_empty(x.shape), x.new_empty(x.shape, dtype=h_dtype), stats, stats.clone()
+        h = x.new_empty(x.shape, dtype=residual_stream_dtype(x.dtype, residual_in_fp32))
+        return x.new_empty(x.shape), h, stats, stats.clone()
 
     @torch.library.register_fake("fastgpt::native_add_layer_norm_backward")
     def _(grad_y, grad_h, h, weight, bias, mean, rstd, is_rms_norm):

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastgpt.reference import residual_stream_dtype
+
 BACKEND_NAMES = ("triton", "native", "reference")
 _CHOICES = ("auto",) + BACKEND_NAMES
 
@@ -271,14 +273,10 @@ def _add_layer_norm_op(
     return impl.add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32)
 
 
-def _residual_dtype(x, residual_in_fp32):
-    return torch.float32 if residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
 @_add_layer_norm_op.register_fake
 def _(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, backend):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=_residual_dtype(x, residual_in_fp32)), stats, stats.clone()
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=residual_stream_dtype(x.dtype, residual_in_fp32)), stats, stats.clone()
 
 
 @torch.library.custom_op("fastgpt::add_layer_norm_backward", mutates_args=())

@@ -68,13 +68,18 @@ def attention_backward(do, q, k, v, o, lse, causal, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def residual_stream_dtype(x_dtype, residual_in_fp32):
+    """The dtype of h = x + residual: float32 when asked for and x is half precision, else x's dtype."""
+    return torch.float32 if residual_in_fp32 and x_dtype in (torch.float16, torch.bfloat16) else x_dtype
+
+
 def add_layer_norm_unsupported(x, residual, weight, bias):
     return None
 
 
 def add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32):
     ct = _compute_dtype(x.dtype)
-    h_dtype = torch.float32 if residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    h_dtype = residual_stream_dtype(x.dtype, residual_in_fp32)
     # normalize h as stored (rounded to its dtype), so the backward's recomputation from the stored
     # h agrees with the forward: otherwise a constant row gives (h - mean) = rounding noise × rstd
     h32 = (x.to(ct) + residual.to(ct)).to(h_dtype).to(ct)

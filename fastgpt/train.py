@@ -85,6 +85,9 @@ class Trainer:
         if "torch" in states:
             torch.set_rng_state(states["torch"])
 
+    def held_out_loss(self):
+        return held_out_loss(self.model, self.dataset, self.cfg, self.device)
+
     def save(self, path):
         save_checkpoint(
             path,
@@ -127,7 +130,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / (time.perf_counter() - started):,.0f}")
                 if self.step % self.cfg.eval_interval == 0 and self.step < self.cfg.max_steps:
-                    bar.write(f"step {self.step}: held-out loss {held_out_loss(self.model, self.dataset, self.cfg, self.device):.4f}")
+                    bar.write(f"step {self.step}: held-out loss {self.held_out_loss():.4f}")
                     if checkpoint_file:
                         self.save(checkpoint_file)
         except KeyboardInterrupt:
@@ -137,7 +140,7 @@ class Trainer:
                 log(f"interrupted at step {self.step}; checkpoint saved to {checkpoint_file} (continue with --resume)")
             raise
         bar.close()
-        final = held_out_loss(self.model, self.dataset, self.cfg, self.device)
+        final = self.held_out_loss()
         log(f"step {self.step}: held-out loss {final:.4f}")
         if checkpoint_file:
             self.save(checkpoint_file)

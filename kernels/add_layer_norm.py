@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from fastgpt.kernels import device_unsupported_reason, interpreting
+from fastgpt.reference import residual_stream_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HIDDEN = 65536  # the widest row tested; wider works the same way (column loops) but is untested
@@ -345,8 +346,7 @@ def add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual
     N = x.shape[-1]
     x_rows, residual_rows = _as_rows(x, N), _as_rows(residual, N)
     n_rows = x_rows.shape[0]
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    h_dtype = torch.float32 if residual_in_fp32 and half else x.dtype
+    h_dtype = residual_stream_dtype(x.dtype, residual_in_fp32)
     y = torch.empty((n_rows, N), dtype=x.dtype, device=x.device)
     h = torch.empty((n_rows, N), dtype=h_dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)

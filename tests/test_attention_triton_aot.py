@@ -5,13 +5,9 @@ the interpreter (tests/triton_aot.py). On Hopper the forward kernel must reach t
 through wgmma (HGMMA in the SASS); a plain HMMA path would miss the performance target.
 """
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from triton_aot import ARCHS, run_aot  # noqa: E402
+from triton_aot import ARCHS, run_aot
 
 pytest.importorskip("triton")
 
