@@ -35,15 +35,17 @@ def _extensions():
         return [], {}
 
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DFASTGPT_OPENMP"]
+    # no -std flag: cpp_extension adds the standard this torch's headers need (C++17 for older
+    # releases, C++20 for newer ones; torch 2.14's headers refuse anything older than C++20)
+    cxx_flags = ["-O3", "-fopenmp", "-DFASTGPT_OPENMP"]
     if sys.platform == "darwin":  # Apple clang has no -fopenmp; at::parallel_for still works
-        cxx_flags = ["-O3", "-std=c++17"]
+        cxx_flags = ["-O3"]
     define_macros = []
     use_cuda = _want_cuda(CUDA_HOME, torch.version.cuda)
     if use_cuda:
         archs = os.environ.get("FASTGPT_CUDA_ARCHS", "80;90")
         cu_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
         for arch in archs.split(";"):
             nvcc_flags += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
         define_macros.append(("FASTGPT_WITH_CUDA", None))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile every csrc/cuda/*.cu for sm_80 and sm_90 (the flags setup.py uses) without a GPU or torch.
+# Compile every csrc/cuda/*.cu for sm_80 and sm_90 (setup.py's flags, at C++17: the oldest standard a
+# supported torch builds them with) without a GPU or torch.
 #
 #   csrc/cuda/check_compile.sh OUT_DIR
 #
