@@ -7,7 +7,7 @@
 #   benchmarks/gpu_check.sh [OUTDIR]        (OUTDIR defaults to $OUT)
 #
 # OUTDIR receives at most 6 files: gpu_check.log (every step's output), bench-cuda.json (all
-# measurements, one JSON), attention.png, add_layer_norm.png, model.png and summary.md — the
+# measurements, one JSON), its plots bench-cuda-{attention,add_layer_norm,model}.png and summary.md — the
 # one-screen summary that is also printed last on stdout.
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 465: whole script, seconds),
 # GPU_CHECK_SKIP (steps to leave out, e.g. "build tests") and GPU_CHECK_DEVICE=cpu rehearse the

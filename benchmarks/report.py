@@ -40,11 +40,14 @@ def main(argv=None):
     parser.add_argument("results", nargs="+", help="results JSON written by fastgpt bench")
     parser.add_argument("--compact", action="store_true", help="only the fastest fastgpt backend per case")
     parser.add_argument("--merge-out", help="also write the merged results to this JSON file")
-    parser.add_argument("--plots", metavar="DIR", help="also draw the merged results' plots into DIR")
+    parser.add_argument(
+        "--plots", metavar="DIR", help="also draw the merged results' plots into DIR, named after --merge-out"
+    )
     args = parser.parse_args(argv)
     results = merge([load(p) for p in args.results])
     if args.plots:
-        paths, notes = write_plots(results, args.plots)
+        stem = os.path.splitext(os.path.basename(args.merge_out or "merged.json"))[0]
+        paths, notes = write_plots(results, args.plots, stem)
         results["plots"] = [os.path.basename(p) for p in paths]
         results["notes"] = sorted(set(results["notes"]) | set(notes))
     if args.merge_out:

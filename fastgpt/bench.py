@@ -715,8 +715,10 @@ def format_line(rec):
     return f"{head} {rec['median_ms']:10.3f} ms [{rec['p20_ms']:.3f}..{rec['p80_ms']:.3f}] {rate}"
 
 
-def write_plots(results, out_dir):
-    """One PNG per op: rate against size, one line per implementation, the measured ceiling dotted."""
+def write_plots(results, out_dir, stem):
+    """One PNG per op, ``<stem>-<op>.png`` beside the JSON ``<stem>.json`` they are drawn from (so
+    runs into one folder under different JSON names keep their own plots): rate against size, one
+    line per implementation, the measured ceiling dotted."""
     try:
         import matplotlib
 
@@ -760,7 +762,7 @@ def write_plots(results, out_dir):
             ax.axis("off")
         fig.suptitle(f"fastgpt {op} on {device}: {gpu}", fontsize=10)
         fig.tight_layout()
-        path = os.path.join(out_dir, f"{op}.png")
+        path = os.path.join(out_dir, f"{stem}-{op}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -771,7 +773,7 @@ def write_plots(results, out_dir):
         ax.set_ylabel("training tokens/s")
         ax.set_title(f"GPT training step on {device}: {gpu}", fontsize=9)
         fig.tight_layout()
-        path = os.path.join(out_dir, "model.png")
+        path = os.path.join(out_dir, f"{stem}-model.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -983,7 +985,7 @@ def run(args, argv=None):
             f"{len(over)} measurements exceed 100% of a ceiling: caches (small sizes) or a ceiling measured "
             "while the machine was busy; read those percentages with care"
         )
-    plots, notes = write_plots(results, args.out)
+    plots, notes = write_plots(results, args.out, os.path.splitext(args.json_name)[0])
     results["plots"] = [os.path.basename(p) for p in plots]
     results["notes"] += notes
     write_json(force=True)
