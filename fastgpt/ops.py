@@ -20,6 +20,7 @@ A backend is a module with the functions named in ``DESIGN.md``::
 import importlib
 import math
 import os
+import sys
 import warnings
 from typing import Optional, Tuple
 
@@ -100,7 +101,22 @@ _warned = set()
 def _warn_once(message):
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=_stacklevel_outside_library())
+
+
+def _stacklevel_outside_library():
+    """The ``stacklevel`` that makes a warning name the user's line: the first caller outside
+    fastgpt and torch (the custom-op dispatch, or torch.compile, sits between the two)."""
+    level, frame = 2, sys._getframe(2)  # level 1 is _warn_once, which calls warnings.warn
+    while frame is not None and (
+        frame.f_globals.get("__name__", "").split(".")[0] in ("fastgpt", "torch")
+        or frame.f_code.co_filename.startswith(_TORCH_DIR)  # code torch.compile generated
+    ):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 def _resolve(op, backend, args):
