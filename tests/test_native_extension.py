@@ -61,6 +61,24 @@ def test_backend_is_available_and_reports_itself():
 
 
 @requires_extension
+def test_registered_device_kernels_match_the_build(extension):
+    """Every op has a CPU kernel; a CUDA build registers CUDA kernels for all but the attention
+    backward it reports missing (checked without a GPU by CI's CUDA build, .ci/cuda_build)."""
+    info = extension.build_info()
+    cuda_expected = {
+        "native_attention_forward": info["cuda_attention_forward"],
+        "native_attention_backward": info["cuda_attention_backward"],
+        "native_add_layer_norm_forward": info["cuda_add_layer_norm"],
+        "native_add_layer_norm_backward": info["cuda_add_layer_norm"],
+    }
+    for op_name, on_cuda in cuda_expected.items():
+        assert native._has_kernel(op_name, "cpu"), op_name
+        assert native._has_kernel(op_name, "cuda") == on_cuda, op_name
+    if info["cuda"]:
+        assert info["cuda_attention_forward"] and info["cuda_add_layer_norm"]
+
+
+@requires_extension
 def test_poison_hook_fills_outputs_with_nan(extension):
     # a row that sees no key (seq_q > seq_k, causal) must still be written: o = 0, lse = -inf
     q, k, v = torch.randn(1, 1, 6, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8)
