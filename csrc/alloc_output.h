@@ -15,14 +15,27 @@ namespace fastgpt {
 bool poison_outputs_enabled();
 void set_poison_outputs(bool enabled);
 
-// Asks Linux to back a large fresh CPU tensor with transparent huge pages before its first
-// write (no-op elsewhere): first-touch page faults otherwise cost more than a memory-bound
-// kernel's own work (measured: two fresh 32 MiB outputs, 32 ms of faults with 4 KiB pages).
-void advise_huge_pages(const at::Tensor& fresh);
+struct CpuOutputCacheStats {
+  size_t allocated_bytes;  // held by live outputs
+  size_t cached_bytes;     // freed outputs kept for reuse
+  size_t limit_bytes;      // the most the cache keeps
+};
+
+// A CPU tensor from fastgpt's cache of huge-page buffers (csrc/cpu_output_cache.cpp): a large
+// output whose pages are already mapped when the last one of its size was freed.
+at::Tensor empty_cpu_output(at::IntArrayRef sizes, at::ScalarType dtype);
+CpuOutputCacheStats cpu_output_cache_stats();
+void set_cpu_output_cache_limit(size_t bytes);
+void empty_cpu_output_cache();
+
+// Smaller outputs come from torch's allocator: below this, page faults cost little.
+constexpr size_t kMinCachedBytes = size_t{4} << 20;
 
 inline at::Tensor alloc_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
-  if (out.is_cpu()) advise_huge_pages(out);
+  const size_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+  at::Tensor out = options.device().is_cpu() && nbytes >= kMinCachedBytes
+                       ? empty_cpu_output(sizes, options.dtype().toScalarType())
+                       : at::empty(sizes, options);
   if (poison_outputs_enabled() && out.is_floating_point()) {
     out.fill_(NAN);
   }

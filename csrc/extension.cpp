@@ -10,10 +10,6 @@
 #include <atomic>
 #include <cstdint>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "alloc_output.h"
 #include "cpu_ops.h"
 
@@ -43,20 +39,6 @@ const char* compiler_name() {
 bool poison_outputs_enabled() { return poison_outputs_flag.load(std::memory_order_relaxed); }
 
 void set_poison_outputs(bool enabled) { poison_outputs_flag.store(enabled, std::memory_order_relaxed); }
-
-void advise_huge_pages(const at::Tensor& fresh) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHugePage - 1);
-  if (last > first) {
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only: errors are harmless
-  }
-#else
-  (void)fresh;
-#endif
-}
 
 }  // namespace fastgpt
 
@@ -118,6 +100,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         return info;
       },
       "How this extension was built: CUDA (and for which archs), OpenMP, threads, torch, compiler.");
+  module.def(
+      "cpu_output_cache",
+      []() {
+        const fastgpt::CpuOutputCacheStats stats = fastgpt::cpu_output_cache_stats();
+        pybind11::dict info;
+        info["allocated_bytes"] = stats.allocated_bytes;
+        info["cached_bytes"] = stats.cached_bytes;
+        info["limit_bytes"] = stats.limit_bytes;
+        return info;
+      },
+      "Bytes of large CPU outputs alive (allocated_bytes) and kept for reuse (cached_bytes), and the cache limit.");
+  module.def("set_cpu_output_cache_limit", &fastgpt::set_cpu_output_cache_limit, pybind11::arg("limit_bytes"),
+             "Keep at most limit_bytes of freed CPU outputs for reuse (0: none); frees what is over it.");
+  module.def("empty_cpu_output_cache", &fastgpt::empty_cpu_output_cache,
+             "Free every CPU output buffer kept for reuse.");
   module.def("_set_poison_outputs", &fastgpt::set_poison_outputs, pybind11::arg("enabled"),
              "Test hook: when on, every output the native kernels allocate is filled with NaN first.");
 }

@@ -110,6 +110,18 @@ def test_residual_stream_in_float32(backend, device, poisoned_outputs):
     run_and_check(backend, (3, 64), torch.float16, device, "contiguous", False, ("weight", "bias"), residual_dtype=torch.float32)
 
 
+@pytest.mark.parametrize(
+    "shape, dtype, residual_dtype",
+    [((1100, 1023), torch.float32, None), ((2100, 1023), torch.float16, None), ((2100, 1023), torch.float16, torch.float32)],
+    ids=["fp32", "fp16", "fp16-fp32-residual"],
+)
+def test_large_outputs(shape, dtype, residual_dtype, device, poisoned_outputs):
+    """Outputs of 4 MiB and more: on the CPU the native kernels write them with non-temporal
+    stores into reused buffers; 1023 columns put most rows at unaligned addresses."""
+    skip_unless_runs("native", device, dtype)
+    run_and_check("native", shape, dtype, device, "contiguous", False, ("weight", "bias"), residual_dtype=residual_dtype)
+
+
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_backward_accepts_reference_forward(backend, device):
     skip_unless_runs(backend, device)

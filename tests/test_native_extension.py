@@ -79,6 +79,34 @@ def test_registered_device_kernels_match_the_build(extension):
 
 
 @requires_extension
+def test_large_cpu_outputs_reuse_cached_buffers(extension):
+    """A freed output of 4 MiB or more is kept (up to the limit) and handed to the next output of
+    its size; limit 0 keeps nothing; the values are right either way."""
+    x, r = torch.randn(2048, 1024), torch.randn(2048, 1024)  # 8 MiB per output
+    expected = torch.ops.fastgpt.native_add_layer_norm_forward(x, r, None, None, 1e-5, False, False)[0].clone()
+    before = extension.cpu_output_cache()
+    try:
+        extension.empty_cpu_output_cache()
+        y, h, _, _ = torch.ops.fastgpt.native_add_layer_norm_forward(x, r, None, None, 1e-5, False, False)
+        assert extension.cpu_output_cache()["allocated_bytes"] >= 2 * (8 << 20)
+        pointers = {y.data_ptr(), h.data_ptr()}
+        del y, h
+        assert extension.cpu_output_cache()["cached_bytes"] >= 2 * (8 << 20)
+        y, h, _, _ = torch.ops.fastgpt.native_add_layer_norm_forward(x, r, None, None, 1e-5, False, False)
+        assert {y.data_ptr(), h.data_ptr()} == pointers and torch.equal(y, expected)
+        del y, h
+        extension.set_cpu_output_cache_limit(0)
+        assert extension.cpu_output_cache()["cached_bytes"] == 0
+        y = torch.ops.fastgpt.native_add_layer_norm_forward(x, r, None, None, 1e-5, False, False)[0]
+        y.resize_(4096, 1024)  # a cached buffer is an ordinary, resizable storage
+        assert torch.equal(y[:2048], expected)
+        del y
+        assert extension.cpu_output_cache()["cached_bytes"] == 0
+    finally:
+        extension.set_cpu_output_cache_limit(before["limit_bytes"])
+
+
+@requires_extension
 def test_poison_hook_fills_outputs_with_nan(extension):
     # a row that sees no key (seq_q > seq_k, causal) must still be written: o = 0, lse = -inf
     q, k, v = torch.randn(1, 1, 6, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8)
