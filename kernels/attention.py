@@ -17,6 +17,7 @@ not a power of two are padded inside the kernel with masked loads. Every tensor 
 through all four of its strides, so any layout works without a copy.
 """
 
+import collections
 import math
 
 import torch
@@ -172,6 +173,125 @@ def _attention_forward_kernel(
     o_base = O + batch * stride_ob + head * stride_oh
     _store_tile(o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
                 rows, seq_q, offs_d, HEAD_DIM, PAD_D)
+
+
+# ----------------------------------------------------------------------------- decode (flash-decoding)
+
+
+@triton.jit
+def _attention_decode_kernel(
+    Q,  # (batch, heads, seq_q, head_dim), any strides
+    K,  # (batch, kv_heads, seq_k, head_dim), any strides
+    V,  # (batch, kv_heads, seq_k, head_dim), any strides
+    OUT,  # FINAL: O (batch, heads, seq_q, head_dim); else fp32 partials (splits, batch·heads·seq_q, HEAD_DIM_PADDED)
+    LSE_OUT,  # FINAL: lse (batch, heads, seq_q), natural log; else fp32 (splits, batch·heads·seq_q), log2 domain
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,  # of O when FINAL
+    heads, kv_heads, group_size, seq_q, seq_k, scale, keys_per_split, rows,  # rows = batch·heads·seq_q
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
+):
+    """A few queries against a long key sequence: one program per (key split, batch, kv head).
+    Its BLOCK_M rows are every query of every head in the GQA group, so each K/V tile is loaded
+    once for the whole group; the key splits fill the GPU when batch · kv_heads alone cannot."""
+    split = tl.program_id(0)
+    batch_kv_head = tl.program_id(1)
+    batch = (batch_kv_head // kv_heads).to(tl.int64)
+    kv_head = batch_kv_head % kv_heads
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PADDED
+
+    packed = tl.arange(0, BLOCK_M)  # row = head_in_group * seq_q + query
+    is_row = packed < group_size * seq_q
+    head = (kv_head * group_size + packed // seq_q).to(tl.int64)
+    query = packed % seq_q
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    q = tl.load(Q + batch * stride_qb + head[:, None] * stride_qh + query[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=is_row[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_base = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+    # this split's keys [start_n, end_n): [start_n, full_end) unmasked, the rest masked
+    causal_offset = seq_k - seq_q
+    start_n = split * keys_per_split
+    end_n = tl.minimum(start_n + keys_per_split, seq_k)
+    if CAUSAL:
+        end_n = tl.minimum(end_n, tl.maximum(seq_q + causal_offset, 0))
+        full_end = tl.maximum(causal_offset + 1, 0) // BLOCK_N * BLOCK_N  # keys every query sees
+    else:
+        full_end = seq_k // BLOCK_N * BLOCK_N
+    full_end = tl.minimum(tl.maximum(full_end, start_n), tl.maximum(end_n, start_n))
+
+    qk_scale = scale * 1.4426950408889634
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, row_max, row_sum = _forward_key_tiles(
+        acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        query, offs_n, offs_d, seq_k, causal_offset, qk_scale, start_n, full_end,
+        HEAD_DIM, BLOCK_N, CAUSAL, False, PAD_D, DOT_PRECISION,
+    )
+    acc, row_max, row_sum = _forward_key_tiles(
+        acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        query, offs_n, offs_d, seq_k, causal_offset, qk_scale, full_end, end_n,
+        HEAD_DIM, BLOCK_N, CAUSAL, True, PAD_D, DOT_PRECISION,
+    )
+
+    sees_keys = row_sum > 0.0
+    safe_sum = tl.where(sees_keys, row_sum, 1.0)
+    out = acc / safe_sum[:, None]
+    lse2 = tl.where(sees_keys, row_max + tl.math.log2(safe_sum), float("-inf"))
+    flat_row = (batch * heads + head) * seq_q + query  # row of (batch, heads, seq_q) flattened
+    if FINAL:
+        tl.store(LSE_OUT + flat_row, lse2 * 0.6931471805599453, mask=is_row)
+        o_ptrs = (OUT + batch * stride_ob + head[:, None] * stride_oh + query[:, None] * stride_om
+                  + offs_d[None, :] * stride_od)
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=is_row[:, None] & (offs_d[None, :] < HEAD_DIM))
+    else:
+        part_row = split * rows + flat_row
+        tl.store(LSE_OUT + part_row, lse2, mask=is_row)
+        tl.store(OUT + part_row[:, None] * HEAD_DIM_PADDED + offs_d[None, :], out, mask=is_row[:, None])
+
+
+@triton.jit
+def _attention_decode_combine_kernel(
+    PART_O,  # fp32 (splits, rows, HEAD_DIM_PADDED): each split's normalized output
+    PART_LSE,  # fp32 (splits, rows): each split's log-sum-exp, log2 domain, -inf where it saw no key
+    O,  # (batch, heads, seq_q, head_dim) output
+    LSE,  # (batch, heads, seq_q) fp32 output, contiguous
+    stride_ob, stride_oh, stride_om, stride_od,
+    heads, seq_q, rows, splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Merge the splits of each row by their log-sum-exp, one split at a time (an online softmax over splits)."""
+    flat_row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    is_row = flat_row < rows
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM_PADDED], dtype=tl.float32)
+    total_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    total_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for split in range(0, splits):
+        part_row = split * rows + flat_row
+        lse2 = tl.load(PART_LSE + part_row, mask=is_row, other=float("-inf"))
+        part = tl.load(PART_O + part_row[:, None] * HEAD_DIM_PADDED + offs_d[None, :], mask=is_row[:, None], other=0.0)
+        new_max = tl.maximum(total_max, lse2)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no key yet: weights 0, not NaN
+        correction = tl.math.exp2(total_max - shift)
+        weight = tl.math.exp2(lse2 - shift)
+        acc = acc * correction[:, None] + part * weight[:, None]
+        total_sum = total_sum * correction + weight
+        total_max = new_max
+    sees_keys = total_sum > 0.0
+    safe_sum = tl.where(sees_keys, total_sum, 1.0)
+    out = acc / safe_sum[:, None]
+    lse = tl.where(sees_keys, (total_max + tl.math.log2(safe_sum)) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + flat_row, lse, mask=is_row)
+    batch_head = flat_row // seq_q
+    o_ptrs = (O + (batch_head // heads).to(tl.int64)[:, None] * stride_ob + (batch_head % heads)[:, None] * stride_oh
+              + (flat_row % seq_q)[:, None] * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=is_row[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 # ----------------------------------------------------------------------------- backward kernels
@@ -475,6 +595,11 @@ def attention_forward(q, k, v, causal, scale):
     kv_heads, seq_k = k.shape[1], k.shape[2]
     o = torch.empty((batch, heads, seq_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    plan = _decode_plan(batch, kv_heads, heads // kv_heads, seq_q, seq_k, head_dim, q)
+    if plan is not None:
+        with _on_device(q):
+            _decode_forward(q, k, v, o, lse, causal, scale, plan)
+        return o, lse
     args = (
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         heads, heads // kv_heads, seq_q, seq_k, float(scale), _seq_bucket(seq_q), _seq_bucket(seq_k),
@@ -490,6 +615,62 @@ def attention_forward(q, k, v, causal, scale):
     with _on_device(q):
         _launch(_forward_tuned, _attention_forward_kernel, grid, args, constexprs)
     return o, lse
+
+
+def _decode_tiles(head_dim_padded, itemsize):
+    """The decode kernel's key tile and pipeline depth on a GPU: K and V tiles 3 deep where they
+    fit in 96 KiB of shared memory, else 2."""
+    block_n = 64 if head_dim_padded <= 128 else 32
+    num_stages = 3 if 2 * 3 * block_n * head_dim_padded * itemsize <= 96 * 1024 else 2
+    return block_n, num_stages
+
+
+def _decode_plan(batch, kv_heads, group_size, seq_q, seq_k, head_dim, q):
+    """``DecodePlan`` when the queries are few enough for the decode kernel (every query of a GQA
+    group in one tile of at most DECODE_MAX_ROWS rows), else None. Keys are split so that
+    batch · kv_heads · splits programs fill the GPU, each split at least two key tiles long."""
+    rows = group_size * seq_q
+    if seq_q > DECODE_MAX_QUERIES or rows > DECODE_MAX_ROWS:
+        return None
+    head_dim_padded = _head_dim_padded(head_dim)
+    if interpreting():
+        block_n, wanted_splits, num_stages = INTERPRETER_BLOCKS["BLOCK_N"], 4, 1
+    else:
+        block_n, num_stages = _decode_tiles(head_dim_padded, q.element_size())
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        wanted_splits = triton.cdiv(2 * sms, batch * kv_heads)
+    splits = max(1, min(wanted_splits, triton.cdiv(seq_k, 2 * block_n), DECODE_MAX_SPLITS))
+    keys_per_split = triton.cdiv(triton.cdiv(seq_k, splits), block_n) * block_n
+    return DecodePlan(
+        block_m=max(16, triton.next_power_of_2(rows)), block_n=block_n, num_stages=num_stages,
+        splits=triton.cdiv(seq_k, keys_per_split), keys_per_split=keys_per_split,
+    )
+
+
+def _decode_forward(q, k, v, o, lse, causal, scale, plan):
+    """Flash-decoding: each key split writes its normalized partial output and log-sum-exp, and a
+    second kernel merges them; with a single split the first kernel writes o and lse itself."""
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    head_dim_padded = _head_dim_padded(head_dim)
+    rows = batch * heads * seq_q
+    final = plan.splits == 1
+    if final:
+        out, lse_out = o, lse
+    else:
+        out = torch.empty((plan.splits, rows, head_dim_padded), dtype=torch.float32, device=q.device)
+        lse_out = torch.empty((plan.splits, rows), dtype=torch.float32, device=q.device)
+    _attention_decode_kernel[(plan.splits, batch * kv_heads)](
+        q, k, v, out, lse_out, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        heads, kv_heads, heads // kv_heads, seq_q, seq_k, float(scale), plan.keys_per_split, rows,
+        HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, CAUSAL=bool(causal), DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, FINAL=final, num_warps=4, num_stages=plan.num_stages,
+    )
+    if not final:
+        _attention_decode_combine_kernel[(triton.cdiv(rows, DECODE_COMBINE_ROWS),)](
+            out, lse_out, o, lse, *_strides(o), heads, seq_q, rows, plan.splits,
+            HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_R=DECODE_COMBINE_ROWS, num_warps=4,
+        )
 
 
 def attention_backward(do, q, k, v, o, lse, causal, scale):
@@ -537,6 +718,14 @@ def attention_backward(do, q, k, v, o, lse, causal, scale):
 # Under the interpreter every program runs one after another in numpy: one small tile, no autotuning.
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 PREPROCESS_BLOCK_M = 64
+
+# Decode: at most this many queries, and queries × GQA group size rows, go to the decode kernel;
+# keys are split at most DECODE_MAX_SPLITS ways, and the merge handles DECODE_COMBINE_ROWS rows a program.
+DECODE_MAX_QUERIES = 4
+DECODE_MAX_ROWS = 64
+DECODE_MAX_SPLITS = 128
+DECODE_COMBINE_ROWS = 16
+DecodePlan = collections.namedtuple("DecodePlan", "block_m block_n num_stages splits keys_per_split")
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick, per GPU generation. BLOCK_M is
 # the query tile and BLOCK_N the key tile in every kernel. On Hopper a 128-row tile with 8 warps
@@ -649,10 +838,11 @@ _dq_tuned = _autotuned(_attention_backward_dq_kernel, DQ_CONFIGS, _dq_shared_byt
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _runtime_specialization(kernel, constexprs, dtype):
+def _runtime_specialization(kernel, constexprs, dtype, fp32_tensors=("LSE", "DELTA")):
     """Signature, constants and attributes as the JIT sees a typical launch: tensors with a
     contiguous last dim (unit strides become constants 1, which vectorizes the loads), 16-byte
-    aligned pointers and other strides divisible by 16. Upper-case arguments are tensors."""
+    aligned pointers and other strides divisible by 16. Upper-case arguments are tensors, of
+    ``dtype`` except those named in ``fp32_tensors``."""
     signature, constants, attrs = {}, dict(constexprs), {}
     for index, arg in enumerate(kernel.arg_names):
         if arg in constexprs:
@@ -660,7 +850,7 @@ def _runtime_specialization(kernel, constexprs, dtype):
         elif arg.startswith("stride_") and (arg.endswith("d") or arg == "stride_lsem"):
             signature[arg], constants[arg] = "constexpr", 1
         elif arg.isupper():
-            signature[arg] = "*fp32" if arg in ("LSE", "DELTA") else f"*{_TRITON_DTYPES[dtype]}"
+            signature[arg] = "*fp32" if arg in fp32_tensors else f"*{_TRITON_DTYPES[dtype]}"
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif arg.startswith("stride_"):
             signature[arg] = "i32"
@@ -670,8 +860,8 @@ def _runtime_specialization(kernel, constexprs, dtype):
     return signature, constants, attrs
 
 
-def _spec(name, kernel, constexprs, dtype, num_warps, num_stages):
-    signature, constants, attrs = _runtime_specialization(kernel, constexprs, dtype)
+def _spec(name, kernel, constexprs, dtype, num_warps, num_stages, fp32_tensors=("LSE", "DELTA")):
+    signature, constants, attrs = _runtime_specialization(kernel, constexprs, dtype, fp32_tensors)
     return {"name": name, "kernel": kernel, "signature": signature, "constexprs": constants, "attrs": attrs,
             "num_warps": num_warps, "num_stages": num_stages}
 
@@ -692,6 +882,18 @@ def aot_compile_specs():
         dims = {"HEAD_DIM": head_dim, "HEAD_DIM_PADDED": _head_dim_padded(head_dim)}
         specs.append(_spec(f"backward_preprocess {label}", _attention_backward_preprocess_kernel,
                            {**dims, "BLOCK_M": PREPROCESS_BLOCK_M}, dtype, 4, 1))
+        # decode of one query for a GQA group of 8 heads (16 rows), keys split: partials in fp32
+        block_n, num_stages = _decode_tiles(dims["HEAD_DIM_PADDED"], dtype.itemsize)
+        specs.append(_spec(
+            f"decode {label} M=16 N={block_n} [hopper,ampere]", _attention_decode_kernel,
+            {**dims, "CAUSAL": causal, "DOT_PRECISION": _dot_precision(dtype), "BLOCK_M": 16,
+             "BLOCK_N": block_n, "FINAL": False},
+            dtype, 4, num_stages, fp32_tensors=("OUT", "LSE_OUT"),
+        ))
+        specs.append(_spec(
+            f"decode_combine {label} [hopper,ampere]", _attention_decode_combine_kernel,
+            {**dims, "BLOCK_R": DECODE_COMBINE_ROWS}, dtype, 4, 1, fp32_tensors=("PART_O", "PART_LSE", "LSE"),
+        ))
         for name, kernel, configs_by_arch in tuned_kernels:
             for blocks in _all_blocks(configs_by_arch):
                 block_m, block_n, num_warps, num_stages = blocks

@@ -25,6 +25,11 @@ SHAPES = [
     (1, 2, 2, 64, 64, 128, True),
     (1, 2, 1, 9, 9, 160, True),
     (1, 1, 1, 5, 9, 256, False),
+    # a few queries against a cache (Triton's decode kernel: GQA heads packed into one tile, keys split)
+    (2, 8, 2, 1, 77, 64, True),
+    (1, 4, 1, 3, 50, 40, True),
+    (1, 3, 1, 4, 45, 24, False),
+    (1, 2, 2, 2, 1, 16, True),  # more queries than keys: the first sees none
 ]
 
 
@@ -235,3 +240,27 @@ def test_long_sequences_on_cuda(backend, seq):
     assert_close("o", o, o32, torch.bfloat16)
     for name, t, t32 in zip(("dq", "dk", "dv"), leaves, leaves32):
         assert_close(name, t.grad, t32.grad, torch.bfloat16, factor=2.0)
+    # decoding the last position against the whole cache (Triton: the decode kernel, keys split
+    # across the GPU); bottom-right causal, it sees every key
+    last = q[:, :, -1:]
+    o_last = ops.attention(last, k, v, causal=True, backend=backend)
+    o_last32 = F.scaled_dot_product_attention(last.float(), k.float(), v.float(), enable_gqa=True)
+    assert_close("o (decode)", o_last, o_last32, torch.bfloat16)
+
+
+def test_triton_decode_plan():
+    """Up to DECODE_MAX_QUERIES queries go to Triton's decode kernel; in the tests' decode shapes
+    the keys are split (so the merge kernel runs too) under the interpreter."""
+    try:
+        from fastgpt.kernels import attention as triton_attention
+    except ImportError as exc:
+        pytest.skip(f"needs triton: {exc}")
+    if not triton_attention.interpreting():
+        pytest.skip("the split count on a GPU depends on its multiprocessor count")
+    q = torch.empty(0)
+    plan = triton_attention._decode_plan(2, 2, 4, 1, 77, 64, q)
+    assert plan is not None and plan.splits > 1 and plan.block_m == 16
+    assert plan.splits * plan.keys_per_split >= 77 > (plan.splits - 1) * plan.keys_per_split
+    assert triton_attention._decode_plan(1, 1, 1, 1, 1, 16, q).splits == 1  # one tile: no merge
+    assert triton_attention._decode_plan(1, 4, 1, 5, 50, 40, q) is None  # more queries: the forward kernel
+    assert triton_attention._decode_plan(1, 1, 32, 4, 50, 40, q) is None  # more than 64 rows
