@@ -6,6 +6,11 @@ of its kv head past them with an online softmax (running max and sum in fp32, ``
 causal mask only the tiles that cross the diagonal pay for masking, and tiles above it are never
 visited. It saves ``lse``, the natural-log log-sum-exp of each query row.
 
+Decode (at most ``DECODE_MAX_QUERIES`` queries, as when generating against a KV cache): one
+program per (key split, batch, kv head) whose tile rows are every query of every head in the
+GQA group, so each K/V tile is read once per group; the keys are split so the programs fill the
+GPU, and a second kernel merges the splits by their log-sum-exp (flash-decoding).
+
 Backward (deterministic, no atomics): a preprocess computes ``delta = rowsum(dO ∘ O)``; one
 kernel owns a key block and loops over query blocks — and over every query head of its GQA
 group, so dK and dV are summed in registers — and another owns a query block and loops over key
