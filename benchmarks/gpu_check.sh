@@ -98,8 +98,13 @@ print(", ".join(f"{k}: " + ("yes" if v["available"] else f"NO ({v['reason'][:60]
 EOF
 )
 
-# 3. the test suite on CUDA (the ahead-of-time Triton and nvcc compile checks need no GPU: CI runs them)
-step tests 120 $PY -m pytest tests -q -p no:cacheprovider --maxfail=20 \
+# 3. the test suite on CUDA (the ahead-of-time Triton and nvcc compile checks need no GPU: CI runs
+# them), in one process per two cores up to 8: compiling the Triton kernels the tests cover is
+# most of its time, and that is CPU work
+SHARDS=$(($(nproc) / 2))
+[ "$SHARDS" -gt 8 ] && SHARDS=8
+[ "$SHARDS" -lt 1 ] && SHARDS=1
+step tests 180 env PYTHON="$PY" bash benchmarks/pytest_sharded.sh "$SHARDS" tests \
     --ignore=tests/test_attention_triton_aot.py --ignore=tests/test_add_layer_norm_triton_aot.py \
     --ignore=tests/test_cuda_sources.py
 
