@@ -121,3 +121,34 @@ def test_report_merges_runs(results, tmp_path, capsys):
     assert len(merged["measurements"]) == 2 * len(data["measurements"])
     assert len(merged["runs"]) == 2
     assert "| attention | fwd |" in capsys.readouterr().out
+
+
+def test_implementations_are_timed_in_interleaved_blocks():
+    """Each implementation's repetitions come in TIMING_BLOCKS blocks taken in turn with the
+    others', so a slow spell of the machine cannot land on one implementation only; one that
+    raises is recorded, and the others are still timed."""
+    calls = []
+
+    def impl(name, fail=False):
+        def run(x):
+            if fail:
+                raise RuntimeError("no kernel for this")
+            calls.append(name)
+            return x
+
+        return bench.Impl(name, "baseline", run=run)
+
+    case = bench.Case("add_layer_norm", "fwd", {"rows": 1, "hidden": 4}, bench.torch.float32, None, 16,
+                      lambda: (bench.torch.zeros(4), bench.torch.zeros(4)))
+    settings = bench.Settings(device="cpu", sizes="tiny", budget_s=0, min_reps=6, max_reps=6, warmup=1,
+                              compile_skip_reason=None, rotate_bytes=0)
+    records = []
+    bench.run_cases([case], [impl("a"), impl("broken", fail=True), impl("b")], settings, records.append)
+
+    assert [r["implementation"] for r in records] == ["a", "broken", "b"]
+    assert [r["status"] for r in records] == ["ok", "skipped", "ok"]
+    assert "no kernel for this" in records[1]["reason"]
+    assert all(r["reps"] == 6 for r in (records[0], records[2]))
+    timed = "".join(calls)[-12:]  # after each one's warm-up calls: blocks of 6 / TIMING_BLOCKS in turn
+    block = 6 // bench.TIMING_BLOCKS
+    assert timed == ("a" * block + "b" * block) * bench.TIMING_BLOCKS
