@@ -109,6 +109,15 @@ def _forward_key_tiles(
 
 
 @triton.jit
+def _normalized_rows(acc, row_max, row_sum):
+    """Output rows acc / row_sum and their log-sum-exp in the log2 domain; a row that saw no key
+    (row_sum 0) gets output 0 and lse -inf."""
+    sees_keys = row_sum > 0.0
+    safe_sum = tl.where(sees_keys, row_sum, 1.0)
+    return acc / safe_sum[:, None], tl.where(sees_keys, row_max + tl.math.log2(safe_sum), float("-inf"))
+
+
+@triton.jit
 def _attention_forward_kernel(
     Q,  # (batch, heads, seq_q, head_dim), any strides
     K,  # (batch, kv_heads, seq_k, head_dim), any strides
@@ -169,12 +178,8 @@ def _attention_forward_kernel(
         HEAD_DIM, BLOCK_N, CAUSAL, True, PAD_D, DOT_PRECISION,
     )
 
-    # a row that saw no key has row_sum 0: output 0 and lse -inf
-    sees_keys = row_sum > 0.0
-    safe_sum = tl.where(sees_keys, row_sum, 1.0)
-    out = acc / safe_sum[:, None]
-    lse = tl.where(sees_keys, (row_max + tl.math.log2(safe_sum)) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + batch_head.to(tl.int64) * seq_q + rows, lse, mask=rows < seq_q)
+    out, lse2 = _normalized_rows(acc, row_max, row_sum)
+    tl.store(LSE + batch_head.to(tl.int64) * seq_q + rows, lse2 * 0.6931471805599453, mask=rows < seq_q)
     o_base = O + batch * stride_ob + head * stride_oh
     _store_tile(o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
                 rows, seq_q, offs_d, HEAD_DIM, PAD_D)
@@ -244,10 +249,7 @@ def _attention_decode_kernel(
         HEAD_DIM, BLOCK_N, CAUSAL, True, PAD_D, DOT_PRECISION,
     )
 
-    sees_keys = row_sum > 0.0
-    safe_sum = tl.where(sees_keys, row_sum, 1.0)
-    out = acc / safe_sum[:, None]
-    lse2 = tl.where(sees_keys, row_max + tl.math.log2(safe_sum), float("-inf"))
+    out, lse2 = _normalized_rows(acc, row_max, row_sum)
     flat_row = (batch * heads + head) * seq_q + query  # row of (batch, heads, seq_q) flattened
     if FINAL:
         tl.store(LSE_OUT + flat_row, lse2 * 0.6931471805599453, mask=is_row)
@@ -288,11 +290,8 @@ def _attention_decode_combine_kernel(
         acc = acc * correction[:, None] + part * weight[:, None]
         total_sum = total_sum * correction + weight
         total_max = new_max
-    sees_keys = total_sum > 0.0
-    safe_sum = tl.where(sees_keys, total_sum, 1.0)
-    out = acc / safe_sum[:, None]
-    lse = tl.where(sees_keys, (total_max + tl.math.log2(safe_sum)) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + flat_row, lse, mask=is_row)
+    out, lse2 = _normalized_rows(acc, total_max, total_sum)
+    tl.store(LSE + flat_row, lse2 * 0.6931471805599453, mask=is_row)
     batch_head = flat_row // seq_q
     o_ptrs = (O + (batch_head // heads).to(tl.int64)[:, None] * stride_ob + (batch_head % heads)[:, None] * stride_oh
               + (flat_row % seq_q)[:, None] * stride_om + offs_d[None, :] * stride_od)
