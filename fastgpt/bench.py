@@ -766,6 +766,13 @@ def write_plots(results, out_dir, stem):
     except ImportError as exc:
         return [], [f"plots skipped: matplotlib is not installed ({exc})"]
     paths = []
+
+    def save(fig, op):
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, f"{stem}-{op}.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
     ceilings = results.get("ceilings") or {}
     plans = {
         "attention": ("seq", "tflops", "TFLOP/s", ceilings.get("matmul", {}).get("tflops"), "matmul ceiling"),
@@ -800,22 +807,14 @@ def write_plots(results, out_dir, stem):
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
         fig.suptitle(f"fastgpt {op} on {device}: {gpu}", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{stem}-{op}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        save(fig, op)
     model = [r for r in results["measurements"] if r["op"] == "model" and r.get("status") == "ok"]
     if model:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.bar([r["implementation"] for r in model], [r["tokens_per_s"] for r in model])
         ax.set_ylabel("training tokens/s")
         ax.set_title(f"GPT training step on {device}: {gpu}", fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{stem}-model.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        save(fig, "model")
     return paths, []
 
 
