@@ -9,6 +9,7 @@ works with the ``reference`` and ``triton`` backends only). Build with
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -23,9 +24,24 @@ def _want_cuda(torch_cuda_home, torch_cuda_version):
     return torch_cuda_home is not None and torch_cuda_version is not None
 
 
+def _set_cuda_home_past_wrapper_scripts():
+    """cpp_extension takes CUDA_HOME from the folder above the nvcc on PATH. Where that nvcc is a
+    wrapper script (/usr/local/bin/nvcc on some images) it would get /usr/local, which has no
+    CUDA headers or libraries: unless CUDA_HOME or CUDA_PATH is set, prefer a folder that has them."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for folder in candidates + ["/usr/local/cuda"]:
+        if os.path.isfile(os.path.join(folder, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = folder
+            return
+
+
 def _extensions():
     if os.environ.get("FASTGPT_NO_EXTENSION") == "1":
         return [], {}
+    _set_cuda_home_past_wrapper_scripts()  # before cpp_extension reads it at import
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

@@ -74,18 +74,7 @@ EOF
 nvcc --version | tail -2"
 HAVE_MPL=$($PY -c "import matplotlib" 2>/dev/null && echo yes || echo no)
 
-# 2. build the extension with CUDA, for this GPU's architecture only (half the compile time).
-# cpp_extension takes CUDA_HOME from the folder above the nvcc on PATH; where that nvcc is a
-# wrapper script (/usr/local/bin/nvcc on some images) it would get /usr/local, which has no CUDA
-# headers or libraries: prefer a folder that has them.
-if [ -z "${CUDA_HOME:-}" ]; then
-    for dir in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo .)")")")" /usr/local/cuda; do
-        if [ -f "$dir/include/cuda_runtime.h" ]; then
-            export CUDA_HOME=$dir
-            break
-        fi
-    done
-fi
+# 2. build the extension with CUDA, for this GPU's architecture only (half the compile time)
 ARCH=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 90)
 step build 170 env FASTGPT_CUDA=1 FASTGPT_CUDA_ARCHS="${FASTGPT_CUDA_ARCHS:-$ARCH}" MAX_JOBS="${MAX_JOBS:-16}" \
     $PY -m pip install --no-build-isolation --no-deps --no-index -e .
