@@ -6,6 +6,8 @@ implementations, says which inputs they cannot run, and wraps them in the backen
 ``DESIGN.md``. Importing it never fails: without the extension ``available()`` says why.
 """
 
+import functools
+
 import torch
 
 from fastgpt.reference import residual_stream_dtype
@@ -26,6 +28,7 @@ CUDA_ATTENTION_HEAD_DIMS = (32, 64, 96, 128)
 CUDA_ADD_LAYER_NORM_MAX_HIDDEN = 16384
 
 
+@functools.cache  # asked on every op call; a loaded extension does not change
 def available():
     """(available, reason) for the native backend."""
     if _C is None:
@@ -36,10 +39,12 @@ def available():
     return True, f"C++ extension: CPU ({threads}) and {cuda}; built with {info['compiler']} for torch {info['torch']}"
 
 
+@functools.cache
 def _build_info():
     return _C.build_info() if _C is not None else {}
 
 
+@functools.cache
 def _has_kernel(op_name, device_type):
     """Whether the extension registered a kernel for ``fastgpt::<op_name>`` on this device type."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)

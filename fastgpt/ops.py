@@ -17,6 +17,7 @@ A backend is a module with the functions named in ``DESIGN.md``::
     add_layer_norm_unsupported(x, residual, weight, bias)           -> None or a reason
 """
 
+import functools
 import importlib
 import math
 import os
@@ -79,6 +80,7 @@ def backends():
     return report
 
 
+@functools.cache
 def _implementation(op, name):
     return importlib.import_module(_IMPLEMENTATIONS[op][name])
 

@@ -4,6 +4,7 @@ Triton runs on CUDA GPUs, and on the CPU only through its interpreter
 (``TRITON_INTERPRET=1``, set before triton is imported), which the test suite uses.
 """
 
+import functools
 import os
 
 
@@ -12,6 +13,7 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache  # asked on every op call: the device name query alone costs microseconds
 def available():
     """(available, reason) for the triton backend as a whole."""
     try:
