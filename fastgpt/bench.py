@@ -506,7 +506,7 @@ def _first_line(obj, limit=300):
     return text.splitlines()[0][:limit] if text else ""
 
 
-def _record(case, impl, settings, status, reason=None, timing=None, n_sets=0):
+def _record(case, impl, settings, status, reason=None, timing=None, n_sets=0, page_faults=None):
     rec = {
         "op": case.op,
         "pass": case.pass_,
@@ -526,7 +526,26 @@ def _record(case, impl, settings, status, reason=None, timing=None, n_sets=0):
         seconds = timing.median_ms / 1e3
         rec["tflops"] = case.flops / seconds / 1e12 if case.flops else None
         rec["gbps"] = case.bytes / seconds / 1e9 if case.bytes else None
+        if page_faults is not None:
+            rec["page_faults_per_call"] = page_faults / timing.reps
     return rec
+
+
+def _page_faults(device):
+    """Page faults this process has taken so far, on the CPU (None on a GPU, or where the OS does
+    not count them). Each is the first touch of a freshly mapped 4 KiB page, which the kernel must
+    zero: glibc maps every allocation of 32 MiB or more fresh and unmaps it on free, unless an
+    earlier free left a large enough hole in its heap. So the same eager op on large tensors can
+    run 3x faster or slower depending on what ran before it in the process; the JSON records the
+    faults per call so that a reader can see which of the two was timed."""
+    if device != "cpu":
+        return None
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
 
 
 # Each implementation's timed repetitions are taken in this many blocks, in turn with the other
@@ -558,7 +577,7 @@ def run_cases(cases, impls, settings, emit):
             for inputs in input_sets:
                 for t in inputs[:-1]:
                     t.requires_grad_(True)
-        records, timed = {}, {}  # impl index -> record; impl index -> (step, reps, times)
+        records, timed = {}, {}  # impl index -> record; impl index -> (step, reps, times, page faults)
         for index, impl in enumerate(impls):
             reason = _skip_reason(impl, case, settings)
             if reason is not None:
@@ -568,22 +587,28 @@ def run_cases(cases, impls, settings, emit):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    timed[index] = (step, warm_up(step, n_sets, settings), [])
+                    timed[index] = (step, warm_up(step, n_sets, settings), [], [])
                 except Exception as exc:  # an unavailable kernel or an out-of-memory must not end the run
                     records[index] = _record(case, impl, settings, *_failure(exc, impl, caught, settings))
         for block in range(TIMING_BLOCKS):
-            for index, (step, reps, times) in list(timed.items()):
+            for index, (step, reps, times, faults) in list(timed.items()):
                 count = reps // TIMING_BLOCKS + (1 if block < reps % TIMING_BLOCKS else 0)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     try:
+                        faults_before = _page_faults(settings.device)
                         times += timed_calls(step, len(times), count, n_sets, settings)
+                        if faults_before is not None:
+                            faults.append(_page_faults(settings.device) - faults_before)
                     except Exception as exc:  # noqa: BLE001 - recorded, and the others go on
                         failure = _failure(exc, impls[index], caught, settings)
                         records[index] = _record(case, impls[index], settings, *failure)
                         del timed[index]
-        for index, (_, _, times) in timed.items():
-            records[index] = _record(case, impls[index], settings, "ok", timing=_summarize(times), n_sets=n_sets)
+        for index, (_, _, times, faults) in timed.items():
+            records[index] = _record(
+                case, impls[index], settings, "ok", timing=_summarize(times), n_sets=n_sets,
+                page_faults=sum(faults) if faults else None,
+            )
         for index in sorted(records):
             emit(records[index])
         del input_sets, probe, timed
@@ -834,6 +859,27 @@ def _ratio(rec, other):
     return f"{value:.2f}×" if value is not None else "–"
 
 
+# a case is listed under the table when one implementation faults at least this often per call
+_NOTABLE_PAGE_FAULTS = 1000
+
+
+def _page_fault_lines(records):
+    """Below the table: the cases where some implementation paid many page faults per call (CPU),
+    with every implementation's count, since those faults can decide the ratio (see _page_faults)."""
+    cases = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("page_faults_per_call") is not None:
+            cases.setdefault(_case_key(r), []).append(r)
+    lines = []
+    for rs in cases.values():
+        if max(r["page_faults_per_call"] for r in rs) >= _NOTABLE_PAGE_FAULTS:
+            counts = ", ".join(f"{r['implementation']} {r['page_faults_per_call']:.0f}" for r in rs)
+            lines.append(f"- {rs[0]['op']} {rs[0]['pass']} {_shape_text(rs[0]['shape'])}: {counts}")
+    if not lines:
+        return []
+    return ["", "Page faults per call (first touches of freshly mapped memory, which the OS must zero):"] + lines
+
+
 def markdown_table(results, compact=False):
     """The README table: each fastgpt measurement, its rate, percent of ceiling and speed-ups
     (other's time / fastgpt's time: above 1 means fastgpt is faster) against the alternatives.
@@ -877,6 +923,7 @@ def markdown_table(results, compact=False):
                 f"| {_ratio(r, 'sdpa') if r['op'] == 'attention' else '–'} "
                 f"| {best_text} |"
             )
+    lines += _page_fault_lines(results["measurements"])
     model = [r for r in results["measurements"] if r["op"] == "model" and r.get("status") == "ok"]
     if model:
         lines += [

@@ -7,6 +7,8 @@ test's pass/fail) — only that every number comes with its context.
 import importlib.util
 import json
 import math
+import mmap
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,26 @@ def test_implementations_are_timed_in_interleaved_blocks():
     timed = "".join(calls)[-12:]  # after each one's warm-up calls: blocks of 6 / TIMING_BLOCKS in turn
     block = 6 // bench.TIMING_BLOCKS
     assert timed == ("a" * block + "b" * block) * bench.TIMING_BLOCKS
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="page faults are read from getrusage, which counts them on Linux")
+def test_cpu_records_count_page_faults_per_call():
+    """A CPU op that writes fresh memory on every call pays page faults that an op reusing its
+    buffers does not; each record says how many it took, so the two cases can be told apart."""
+
+    def touch_fresh_memory(x):
+        with mmap.mmap(-1, 8 << 20) as fresh:  # a new anonymous mapping: every page faults on its first write
+            fresh.write(b"\1" * len(fresh))
+        return x
+
+    case = bench.Case("add_layer_norm", "fwd", {"rows": 1, "hidden": 4}, bench.torch.float32, None, 16,
+                      lambda: (bench.torch.zeros(4), bench.torch.zeros(4)))
+    settings = bench.Settings(device="cpu", sizes="tiny", budget_s=0, min_reps=6, max_reps=6, warmup=1,
+                              compile_skip_reason=None, rotate_bytes=0)
+    records = []
+    impls = [bench.Impl("fresh", "baseline", run=touch_fresh_memory), bench.Impl("reuse", "baseline", run=lambda x: x)]
+    bench.run_cases([case], impls, settings, records.append)
+
+    fresh, reuse = records
+    assert fresh["page_faults_per_call"] >= 1
+    assert reuse["page_faults_per_call"] < fresh["page_faults_per_call"]
