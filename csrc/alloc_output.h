@@ -28,8 +28,9 @@ CpuOutputCacheStats cpu_output_cache_stats();
 void set_cpu_output_cache_limit(size_t bytes);
 void empty_cpu_output_cache();
 
-// Smaller outputs come from torch's allocator: below this, page faults cost little.
-constexpr size_t kMinCachedBytes = size_t{4} << 20;
+// Outputs at least this large come from the cache; smaller ones from torch's allocator, where a
+// freed block is reused before glibc would ever return its pages to the OS.
+constexpr size_t kMinCachedBytes = size_t{64} << 10;
 
 inline at::Tensor alloc_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
