@@ -13,10 +13,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 namespace fastgpt::cpu {
 
 template <typename T>
@@ -47,6 +43,14 @@ inline void load_row(const void* src, at::ScalarType dtype, int64_t stride, int6
   }
 }
 
+// A contiguous row as fp32 values: the row itself when it is fp32 (no copy), else converted
+// into `scratch` (n floats).
+inline const float* fp32_row(const void* src, at::ScalarType dtype, int64_t n, float* scratch) {
+  if (dtype == at::kFloat) return static_cast<const float*>(src);
+  load_row(src, dtype, 1, n, scratch);
+  return scratch;
+}
+
 // dst[i] = src[i] rounded to `dtype`, for a contiguous destination row of n elements.
 inline void store_row(const float* src, int64_t n, at::ScalarType dtype, void* dst) {
   switch (dtype) {
@@ -62,62 +66,16 @@ inline void store_row(const float* src, int64_t n, at::ScalarType dtype, void* d
   }
 }
 
-// memcpy with non-temporal stores (x86 SSE2, every x86-64 CPU; plain memcpy elsewhere): lines of
-// dst are written without first being read into cache (no read-for-ownership) and without
-// evicting what the kernel still reads. For large outputs only: dst is then not in cache for
-// whoever reads it next. Measured on a 2-core Xeon, add+LayerNorm forward at (8192, 1024) fp32
-// into warm buffers: 8-10 ms with ordinary stores, 4 ms with these. Call end_streaming() before
-// another thread may read what this one streamed.
-inline void stream_copy(void* dst, const void* src, size_t bytes) {
-#if defined(__SSE2__)
-  char* d = static_cast<char*>(dst);
-  const char* s = static_cast<const char*>(src);
-  const size_t head = std::min(bytes, static_cast<size_t>(-reinterpret_cast<uintptr_t>(d) % 16));
-  std::memcpy(d, s, head);
-  d += head, s += head, bytes -= head;
-  for (; bytes >= 16; d += 16, s += 16, bytes -= 16) {
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
-  }
-  std::memcpy(d, s, bytes);
-#else
-  std::memcpy(dst, src, bytes);
-#endif
+// Where to compute a row of an output in `dtype`: in the output row itself when it is fp32, else
+// in the fp32 `scratch` row that finish_output_row() then converts into it.
+inline float* fp32_output_row(void* dst, at::ScalarType dtype, float* scratch) {
+  return dtype == at::kFloat ? static_cast<float*>(dst) : scratch;
 }
 
-// Orders this thread's streamed stores before its later stores (and the parallel region's end).
-inline void end_streaming() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
+// Puts a row computed at fp32_output_row() into its output: nothing left to do for fp32.
+inline void finish_output_row(const float* values, int64_t n, at::ScalarType dtype, void* dst) {
+  if (values != dst) store_row(values, n, dtype, dst);
 }
-
-// Writes rows of a contiguous output in `dtype`: with non-temporal stores when the output is
-// large (see stream_copy), else ordinary ones. One per thread: it owns a staging row for the
-// fp16/bf16 conversion.
-class RowWriter {
- public:
-  RowWriter(at::ScalarType dtype, int64_t n, bool streaming)
-      : dtype_(dtype), n_(n), streaming_(streaming), staging_(streaming ? n * sizeof(float) : 0) {}
-  ~RowWriter() {
-    if (streaming_) end_streaming();
-  }
-
-  void write(const float* values, void* dst) {
-    if (!streaming_) return store_row(values, n_, dtype_, dst);
-    const void* converted = values;
-    if (dtype_ != at::kFloat) {
-      store_row(values, n_, dtype_, staging_.data());
-      converted = staging_.data();
-    }
-    stream_copy(dst, converted, n_ * at::elementSize(dtype_));
-  }
-
- private:
-  at::ScalarType dtype_;
-  int64_t n_;
-  bool streaming_;
-  std::vector<char> staging_;
-};
 
 // values rounded to `dtype` and back to fp32, in place (staging holds n elements of dtype)
 inline void round_row(float* values, int64_t n, at::ScalarType dtype, void* staging) {

@@ -116,8 +116,9 @@ def test_residual_stream_in_float32(backend, device, poisoned_outputs):
     ids=["fp32", "fp16", "fp16-fp32-residual"],
 )
 def test_large_outputs(shape, dtype, residual_dtype, device, poisoned_outputs):
-    """Outputs of 4 MiB and more: on the CPU the native kernels write them with non-temporal
-    stores into reused buffers; 1023 columns put most rows at unaligned addresses."""
+    """Outputs of 4 MiB and more: on the CPU they come from fastgpt's cache of huge-page
+    buffers, and fp32 rows are computed in place in them; 1023 columns put most rows at
+    unaligned addresses."""
     skip_unless_runs("native", device, dtype)
     run_and_check("native", shape, dtype, device, "contiguous", False, ("weight", "bias"), residual_dtype=residual_dtype)
 

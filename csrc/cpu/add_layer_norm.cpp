@@ -1,10 +1,10 @@
 // Fused residual add + LayerNorm / RMSNorm on the CPU, forward and backward.
 //
-// Each row of N elements is read from memory once per direction into fp32 scratch rows that
-// stay in L1/L2; the statistics (fp32) and the outputs are computed from that copy, in vector
-// code compiled for several ISAs with a runtime choice (cpu_simd.h). Large outputs are written
-// with non-temporal stores (float_rows.h: RowWriter) into reused huge-page buffers
-// (cpu_output_cache.cpp): together these take the forward at (8192, 1024) fp32 from ~15 ms to ~5. Rows are
+// Each row of N elements is read from memory once per direction. fp32 rows are used where they
+// lie and fp32 outputs are computed in place; fp16/bf16 rows are converted through fp32 scratch
+// rows that stay in L1. The statistics are fp32, and the row loops are vector code compiled for
+// several ISAs with a runtime choice (cpu_simd.h). Outputs come from fastgpt's cache of buffers
+// (cpu_output_cache.cpp), so a steady loop writes into pages that are already mapped. Rows are
 // split over threads with at::parallel_for. The backward reduces dweight/dbias into one fp32
 // partial row per fixed chunk of rows, then sums the chunks in order: the result does not
 // depend on the thread count and uses no atomics.
@@ -56,11 +56,11 @@ std::vector<float> parameter_as_float(const std::optional<at::Tensor>& p) {
   return values;
 }
 
-// h[i] += residual[i]; returns sum(h)
-FASTGPT_CPU_DISPATCH float add_and_sum(float* h, const float* residual, int64_t n) {
+// h[i] = x[i] + residual[i]; returns sum(h)
+FASTGPT_CPU_DISPATCH float add_and_sum(const float* x, const float* residual, int64_t n, float* h) {
   Floats sums{};
   for_lanes(n, [&](int64_t i, int64_t count) {
-    const Floats sum = load_lanes(h + i, count) + load_lanes(residual + i, count);
+    const Floats sum = load_lanes(x + i, count) + load_lanes(residual + i, count);
     store_lanes(h + i, sum, count);
     sums += sum;
   });
@@ -94,17 +94,17 @@ FASTGPT_CPU_DISPATCH void normalize(const float* h, int64_t n, float mean, float
   });
 }
 
-// The backward's first sweep of a row: h -> xhat = (h - mean) * rstd in place, g = dy * weight,
+// The backward's first sweep of a row: xhat = (h - mean) * rstd, g = dy * weight,
 // dweight_acc += dy * xhat and dbias_acc += dy (each may be null); returns sum(g) and sum(g * xhat).
-FASTGPT_CPU_DISPATCH void normalized_grad(float* h_then_xhat, const float* dy, const float* weight, int64_t n,
-                                          float mean, float rstd, float* g, float* dweight_acc, float* dbias_acc,
-                                          float* g_sum, float* g_xhat_sum) {
+FASTGPT_CPU_DISPATCH void normalized_grad(const float* h, const float* dy, const float* weight, int64_t n,
+                                          float mean, float rstd, float* xhat_out, float* g, float* dweight_acc,
+                                          float* dbias_acc, float* g_sum, float* g_xhat_sum) {
   Floats g_sums{}, g_xhat_sums{};
   for_lanes(n, [&](int64_t i, int64_t count) {
-    const Floats xhat = (load_lanes(h_then_xhat + i, count) - mean) * rstd;
+    const Floats xhat = (load_lanes(h + i, count) - mean) * rstd;
     const Floats d = load_lanes(dy + i, count);
     const Floats grad = weight ? d * load_lanes(weight + i, count) : d;
-    store_lanes(h_then_xhat + i, xhat, count);
+    store_lanes(xhat_out + i, xhat, count);
     store_lanes(g + i, grad, count);
     if (dweight_acc) store_lanes(dweight_acc + i, load_lanes(dweight_acc + i, count) + d * xhat, count);
     if (dbias_acc) store_lanes(dbias_acc + i, load_lanes(dbias_acc + i, count) + d, count);
@@ -160,31 +160,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forwar
   float* mean_out = mean.data_ptr<float>();
   float* rstd_out = rstd.data_ptr<float>();
 
-  const bool streaming = y.nbytes() >= kMinCachedBytes;  // outputs too large to stay in cache
   const int64_t grain = std::max<int64_t>(1, 16384 / n);  // rows per task: enough work to amortize a task
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> h_row(n), scratch(n);
-    RowWriter h_writer(h_dtype, n, streaming), y_writer(x_dtype, n, streaming);
+    // fp32 rows are read and computed in place; the scratch rows take the fp16/bf16 conversions
+    std::vector<float> x_scratch(n), h_scratch(n), scratch(n);
     for (int64_t row = begin; row < end; ++row) {
       // h = x + residual, in fp32, then written once in h's dtype
-      load_row(element_ptr(x_rows, row * x_rows.stride(0)), x_dtype, 1, n, h_row.data());
-      load_row(element_ptr(residual_rows, row * residual_rows.stride(0)), residual_dtype, 1, n, scratch.data());
-      float h_sum = add_and_sum(h_row.data(), scratch.data(), n);
+      const float* x_row = fp32_row(element_ptr(x_rows, row * x_rows.stride(0)), x_dtype, n, x_scratch.data());
+      const float* residual_row = fp32_row(element_ptr(residual_rows, row * residual_rows.stride(0)),
+                                           residual_dtype, n, scratch.data());
+      void* h_dst = mutable_element_ptr(h, row * n);
+      float* h_row = fp32_output_row(h_dst, h_dtype, h_scratch.data());
+      float h_sum = add_and_sum(x_row, residual_row, n, h_row);
       // normalize the h that is stored (rounded when fp16/bf16): the backward reads that h back,
       // and its xhat = (h - mean) * rstd must match the forward's even when rstd is huge
       if (h_dtype != at::kFloat) {
-        round_row(h_row.data(), n, h_dtype, scratch.data());
-        h_sum = sum_of(h_row.data(), n);
+        round_row(h_row, n, h_dtype, scratch.data());
+        h_sum = sum_of(h_row, n);
       }
-      h_writer.write(h_row.data(), mutable_element_ptr(h, row * n));
+      finish_output_row(h_row, n, h_dtype, h_dst);
       const float row_mean = is_rms_norm ? 0.f : h_sum / n;
       const float row_rstd =
-          1.f / std::sqrt(centered_sum_of_squares(h_row.data(), n, row_mean) / n + static_cast<float>(eps));
+          1.f / std::sqrt(centered_sum_of_squares(h_row, n, row_mean) / n + static_cast<float>(eps));
       mean_out[row] = row_mean;
       rstd_out[row] = row_rstd;
-      normalize(h_row.data(), n, row_mean, row_rstd, w.empty() ? nullptr : w.data(), b.empty() ? nullptr : b.data(),
-                scratch.data());
-      y_writer.write(scratch.data(), mutable_element_ptr(y, row * n));
+      void* y_dst = mutable_element_ptr(y, row * n);
+      float* y_row = fp32_output_row(y_dst, x_dtype, scratch.data());
+      normalize(h_row, n, row_mean, row_rstd, w.empty() ? nullptr : w.data(), b.empty() ? nullptr : b.data(), y_row);
+      finish_output_row(y_row, n, x_dtype, y_dst);
     }
   });
   return {y, h, mean, rstd};
@@ -233,28 +236,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward(
   std::vector<float> dweight_partial(want_dweight ? chunks * n : 0, 0.f);
   std::vector<float> dbias_partial(want_dbias ? chunks * n : 0, 0.f);
 
-  const bool streaming = dx.nbytes() >= kMinCachedBytes;  // an output too large to stay in cache
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<float> xhat(n), dy(n), scratch(n);
-    RowWriter dx_writer(h.scalar_type(), n, streaming);
+    // fp32 rows are read and computed in place; the scratch rows take the fp16/bf16 conversions
+    std::vector<float> h_scratch(n), xhat(n), dy_scratch(n), dx_scratch(n);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       float* dweight_acc = want_dweight ? &dweight_partial[chunk * n] : nullptr;
       float* dbias_acc = want_dbias ? &dbias_partial[chunk * n] : nullptr;
       const int64_t row_end = std::min(rows, (chunk + 1) * rows_per_chunk);
       for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
-        load_row(element_ptr(h_rows, row * h_rows.stride(0)), h.scalar_type(), 1, n, xhat.data());
-        load_row(element_ptr(dy_rows, row * dy_rows.stride(0)), grad_y.scalar_type(), 1, n, dy.data());
+        const float* h_row = fp32_row(element_ptr(h_rows, row * h_rows.stride(0)), h.scalar_type(), n,
+                                      h_scratch.data());
+        const float* dy_row = fp32_row(element_ptr(dy_rows, row * dy_rows.stride(0)), grad_y.scalar_type(), n,
+                                       dy_scratch.data());
+        void* dx_dst = mutable_element_ptr(dx, row * n);
+        float* dx_row = fp32_output_row(dx_dst, h.scalar_type(), dx_scratch.data());  // holds g, then dx
         const float row_rstd = rstd_in[row];
         float g_sum, g_xhat_sum;
-        normalized_grad(xhat.data(), dy.data(), w.empty() ? nullptr : w.data(), n, mean_in[row], row_rstd,
-                        scratch.data(), dweight_acc, dbias_acc, &g_sum, &g_xhat_sum);
-        if (grad_h.has_value()) {  // dy is no longer needed: its buffer takes dh
-          load_row(element_ptr(dh_rows, row * dh_rows.stride(0)), grad_h->scalar_type(), 1, n, dy.data());
+        normalized_grad(h_row, dy_row, w.empty() ? nullptr : w.data(), n, mean_in[row], row_rstd, xhat.data(),
+                        dx_row, dweight_acc, dbias_acc, &g_sum, &g_xhat_sum);
+        const float* dh_row = nullptr;
+        if (grad_h.has_value()) {  // dy is no longer needed: its scratch row may take dh
+          dh_row = fp32_row(element_ptr(dh_rows, row * dh_rows.stride(0)), grad_h->scalar_type(), n,
+                            dy_scratch.data());
         }
         // RMSNorm has no mean subtraction, hence no mean(g) term
-        grad_input(scratch.data(), xhat.data(), grad_h.has_value() ? dy.data() : nullptr, n,
-                   is_rms_norm ? 0.f : g_sum / n, g_xhat_sum / n, row_rstd);
-        dx_writer.write(scratch.data(), mutable_element_ptr(dx, row * n));
+        grad_input(dx_row, xhat.data(), dh_row, n, is_rms_norm ? 0.f : g_sum / n, g_xhat_sum / n, row_rstd);
+        finish_output_row(dx_row, n, h.scalar_type(), dx_dst);
       }
     }
   });
