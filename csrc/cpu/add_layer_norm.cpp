@@ -94,18 +94,18 @@ FASTGPT_CPU_DISPATCH void normalize(const float* h, int64_t n, float mean, float
   });
 }
 
-// The backward's first sweep of a row: xhat = (h - mean) * rstd, g = dy * weight,
+// The backward's first sweep of a row: with xhat = (h - mean) * rstd and g = dy * weight,
 // dweight_acc += dy * xhat and dbias_acc += dy (each may be null); returns sum(g) and sum(g * xhat).
-FASTGPT_CPU_DISPATCH void normalized_grad(const float* h, const float* dy, const float* weight, int64_t n,
-                                          float mean, float rstd, float* xhat_out, float* g, float* dweight_acc,
-                                          float* dbias_acc, float* g_sum, float* g_xhat_sum) {
+// xhat and g are not stored: the second sweep recomputes them from the rows still in L1, which is
+// cheaper than two more stores per element (measured: the stores were this loop's bottleneck).
+FASTGPT_CPU_DISPATCH void grad_row_sums(const float* h, const float* dy, const float* weight, int64_t n, float mean,
+                                        float rstd, float* dweight_acc, float* dbias_acc, float* g_sum,
+                                        float* g_xhat_sum) {
   Floats g_sums{}, g_xhat_sums{};
   for_lanes(n, [&](int64_t i, int64_t count) {
     const Floats xhat = (load_lanes(h + i, count) - mean) * rstd;
     const Floats d = load_lanes(dy + i, count);
     const Floats grad = weight ? d * load_lanes(weight + i, count) : d;
-    store_lanes(xhat_out + i, xhat, count);
-    store_lanes(g + i, grad, count);
     if (dweight_acc) store_lanes(dweight_acc + i, load_lanes(dweight_acc + i, count) + d * xhat, count);
     if (dbias_acc) store_lanes(dbias_acc + i, load_lanes(dbias_acc + i, count) + d, count);
     g_sums += grad;  // padding lanes of dy are 0, so they add nothing
@@ -115,13 +115,16 @@ FASTGPT_CPU_DISPATCH void normalized_grad(const float* h, const float* dy, const
   *g_xhat_sum = sum_lanes(g_xhat_sums);
 }
 
-// g -> dx = rstd * (g - g_mean - xhat * g_xhat_mean) [+ dh] in place; dh may be null
-FASTGPT_CPU_DISPATCH void grad_input(float* g, const float* xhat, const float* dh, int64_t n, float g_mean,
-                                     float g_xhat_mean, float rstd) {
+// dx = rstd * (g - g_mean - xhat * g_xhat_mean) [+ dh], xhat and g as in grad_row_sums; dh may be null
+FASTGPT_CPU_DISPATCH void grad_input(const float* h, const float* dy, const float* weight, const float* dh, int64_t n,
+                                     float mean, float rstd, float g_mean, float g_xhat_mean, float* dx) {
   for_lanes(n, [&](int64_t i, int64_t count) {
-    Floats dx = (load_lanes(g + i, count) - g_mean - load_lanes(xhat + i, count) * g_xhat_mean) * rstd;
-    if (dh) dx += load_lanes(dh + i, count);
-    store_lanes(g + i, dx, count);
+    const Floats xhat = (load_lanes(h + i, count) - mean) * rstd;
+    const Floats d = load_lanes(dy + i, count);
+    const Floats grad = weight ? d * load_lanes(weight + i, count) : d;
+    Floats out = (grad - g_mean - xhat * g_xhat_mean) * rstd;
+    if (dh) out += load_lanes(dh + i, count);
+    store_lanes(dx + i, out, count);
   });
 }
 
@@ -238,7 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward(
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     // fp32 rows are read and computed in place; the scratch rows take the fp16/bf16 conversions
-    std::vector<float> h_scratch(n), xhat(n), dy_scratch(n), dx_scratch(n);
+    std::vector<float> h_scratch(n), dy_scratch(n), dh_scratch(n), dx_scratch(n);
+    const float* w_values = w.empty() ? nullptr : w.data();
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       float* dweight_acc = want_dweight ? &dweight_partial[chunk * n] : nullptr;
       float* dbias_acc = want_dbias ? &dbias_partial[chunk * n] : nullptr;
@@ -248,19 +252,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward(
                                       h_scratch.data());
         const float* dy_row = fp32_row(element_ptr(dy_rows, row * dy_rows.stride(0)), grad_y.scalar_type(), n,
                                        dy_scratch.data());
-        void* dx_dst = mutable_element_ptr(dx, row * n);
-        float* dx_row = fp32_output_row(dx_dst, h.scalar_type(), dx_scratch.data());  // holds g, then dx
-        const float row_rstd = rstd_in[row];
+        const float row_mean = mean_in[row], row_rstd = rstd_in[row];
         float g_sum, g_xhat_sum;
-        normalized_grad(h_row, dy_row, w.empty() ? nullptr : w.data(), n, mean_in[row], row_rstd, xhat.data(),
-                        dx_row, dweight_acc, dbias_acc, &g_sum, &g_xhat_sum);
-        const float* dh_row = nullptr;
-        if (grad_h.has_value()) {  // dy is no longer needed: its scratch row may take dh
-          dh_row = fp32_row(element_ptr(dh_rows, row * dh_rows.stride(0)), grad_h->scalar_type(), n,
-                            dy_scratch.data());
-        }
+        grad_row_sums(h_row, dy_row, w_values, n, row_mean, row_rstd, dweight_acc, dbias_acc, &g_sum, &g_xhat_sum);
+        const float* dh_row = grad_h.has_value() ? fp32_row(element_ptr(dh_rows, row * dh_rows.stride(0)),
+                                                            grad_h->scalar_type(), n, dh_scratch.data())
+                                                 : nullptr;
+        void* dx_dst = mutable_element_ptr(dx, row * n);
+        float* dx_row = fp32_output_row(dx_dst, h.scalar_type(), dx_scratch.data());
         // RMSNorm has no mean subtraction, hence no mean(g) term
-        grad_input(dx_row, xhat.data(), dh_row, n, is_rms_norm ? 0.f : g_sum / n, g_xhat_sum / n, row_rstd);
+        grad_input(h_row, dy_row, w_values, dh_row, n, row_mean, row_rstd, is_rms_norm ? 0.f : g_sum / n,
+                   g_xhat_sum / n, dx_row);
         finish_output_row(dx_row, n, h.scalar_type(), dx_dst);
       }
     }
