@@ -34,13 +34,13 @@ namespace {
 
 constexpr size_t kHugePage = size_t{2} << 20;
 constexpr size_t kSmallGranule = size_t{64} << 10;  // size classes below a huge page: waste at most this
+constexpr size_t kDefaultLimitBytes = size_t{256} << 20;
 
 // The size class of an output of nbytes: whole huge pages, or whole granules below one huge page.
 size_t size_class(size_t nbytes) {
   const size_t granule = nbytes >= kHugePage ? kHugePage : kSmallGranule;
   return (nbytes + granule - 1) / granule * granule;
 }
-constexpr size_t kDefaultLimitBytes = size_t{256} << 20;
 
 size_t limit_from_environment() {
   const char* text = std::getenv("FASTGPT_CPU_CACHE_MB");

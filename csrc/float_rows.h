@@ -8,7 +8,6 @@
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>

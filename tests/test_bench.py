@@ -125,6 +125,17 @@ def test_report_merges_runs(results, tmp_path, capsys):
     assert "| attention | fwd |" in capsys.readouterr().out
 
 
+def _tiny_case():
+    """A forward case whose inputs are two 4-element tensors: timing it measures the harness."""
+    return bench.Case("add_layer_norm", "fwd", {"rows": 1, "hidden": 4}, bench.torch.float32, None, 16,
+                      lambda: (bench.torch.zeros(4), bench.torch.zeros(4)))
+
+
+def _six_reps_settings():
+    return bench.Settings(device="cpu", sizes="tiny", budget_s=0, min_reps=6, max_reps=6, warmup=1,
+                          compile_skip_reason=None, rotate_bytes=0)
+
+
 def test_implementations_are_timed_in_interleaved_blocks():
     """Each implementation's repetitions come in TIMING_BLOCKS blocks taken in turn with the
     others', so a slow spell of the machine cannot land on one implementation only; one that
@@ -140,10 +151,7 @@ def test_implementations_are_timed_in_interleaved_blocks():
 
         return bench.Impl(name, "baseline", run=run)
 
-    case = bench.Case("add_layer_norm", "fwd", {"rows": 1, "hidden": 4}, bench.torch.float32, None, 16,
-                      lambda: (bench.torch.zeros(4), bench.torch.zeros(4)))
-    settings = bench.Settings(device="cpu", sizes="tiny", budget_s=0, min_reps=6, max_reps=6, warmup=1,
-                              compile_skip_reason=None, rotate_bytes=0)
+    case, settings = _tiny_case(), _six_reps_settings()
     records = []
     bench.run_cases([case], [impl("a"), impl("broken", fail=True), impl("b")], settings, records.append)
 
@@ -166,10 +174,7 @@ def test_cpu_records_count_page_faults_per_call():
             fresh.write(b"\1" * len(fresh))
         return x
 
-    case = bench.Case("add_layer_norm", "fwd", {"rows": 1, "hidden": 4}, bench.torch.float32, None, 16,
-                      lambda: (bench.torch.zeros(4), bench.torch.zeros(4)))
-    settings = bench.Settings(device="cpu", sizes="tiny", budget_s=0, min_reps=6, max_reps=6, warmup=1,
-                              compile_skip_reason=None, rotate_bytes=0)
+    case, settings = _tiny_case(), _six_reps_settings()
     records = []
     impls = [bench.Impl("fresh", "baseline", run=touch_fresh_memory), bench.Impl("reuse", "baseline", run=lambda x: x)]
     bench.run_cases([case], impls, settings, records.append)

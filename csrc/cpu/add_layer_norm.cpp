@@ -94,6 +94,16 @@ FASTGPT_CPU_DISPATCH void normalize(const float* h, int64_t n, float mean, float
   });
 }
 
+// Lanes [i, i + count) of xhat = (h - mean) * rstd and g = dy * weight (weight may be null): both
+// backward sweeps compute them the same way, so the second sees exactly the first's values.
+__attribute__((always_inline)) inline void xhat_and_grad(const float* h, const float* dy, const float* weight,
+                                                         int64_t i, int64_t count, float mean, float rstd,
+                                                         Floats& xhat, Floats& dy_lanes, Floats& grad) {
+  xhat = (load_lanes(h + i, count) - mean) * rstd;
+  dy_lanes = load_lanes(dy + i, count);
+  grad = weight ? dy_lanes * load_lanes(weight + i, count) : dy_lanes;
+}
+
 // The backward's first sweep of a row: with xhat = (h - mean) * rstd and g = dy * weight,
 // dweight_acc += dy * xhat and dbias_acc += dy (each may be null); returns sum(g) and sum(g * xhat).
 // xhat and g are not stored: the second sweep recomputes them from the rows still in L1, which is
@@ -103,9 +113,8 @@ FASTGPT_CPU_DISPATCH void grad_row_sums(const float* h, const float* dy, const f
                                         float* g_xhat_sum) {
   Floats g_sums{}, g_xhat_sums{};
   for_lanes(n, [&](int64_t i, int64_t count) {
-    const Floats xhat = (load_lanes(h + i, count) - mean) * rstd;
-    const Floats d = load_lanes(dy + i, count);
-    const Floats grad = weight ? d * load_lanes(weight + i, count) : d;
+    Floats xhat, d, grad;
+    xhat_and_grad(h, dy, weight, i, count, mean, rstd, xhat, d, grad);
     if (dweight_acc) store_lanes(dweight_acc + i, load_lanes(dweight_acc + i, count) + d * xhat, count);
     if (dbias_acc) store_lanes(dbias_acc + i, load_lanes(dbias_acc + i, count) + d, count);
     g_sums += grad;  // padding lanes of dy are 0, so they add nothing
@@ -119,9 +128,8 @@ FASTGPT_CPU_DISPATCH void grad_row_sums(const float* h, const float* dy, const f
 FASTGPT_CPU_DISPATCH void grad_input(const float* h, const float* dy, const float* weight, const float* dh, int64_t n,
                                      float mean, float rstd, float g_mean, float g_xhat_mean, float* dx) {
   for_lanes(n, [&](int64_t i, int64_t count) {
-    const Floats xhat = (load_lanes(h + i, count) - mean) * rstd;
-    const Floats d = load_lanes(dy + i, count);
-    const Floats grad = weight ? d * load_lanes(weight + i, count) : d;
+    Floats xhat, d, grad;
+    xhat_and_grad(h, dy, weight, i, count, mean, rstd, xhat, d, grad);
     Floats out = (grad - g_mean - xhat * g_xhat_mean) * rstd;
     if (dh) out += load_lanes(dh + i, count);
     store_lanes(dx + i, out, count);
@@ -167,6 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forwar
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     // fp32 rows are read and computed in place; the scratch rows take the fp16/bf16 conversions
     std::vector<float> x_scratch(n), h_scratch(n), scratch(n);
+    const float* w_values = w.empty() ? nullptr : w.data();
+    const float* b_values = b.empty() ? nullptr : b.data();
     for (int64_t row = begin; row < end; ++row) {
       // h = x + residual, in fp32, then written once in h's dtype
       const float* x_row = fp32_row(element_ptr(x_rows, row * x_rows.stride(0)), x_dtype, n, x_scratch.data());
@@ -189,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forwar
       rstd_out[row] = row_rstd;
       void* y_dst = mutable_element_ptr(y, row * n);
       float* y_row = fp32_output_row(y_dst, x_dtype, scratch.data());
-      normalize(h_row, n, row_mean, row_rstd, w.empty() ? nullptr : w.data(), b.empty() ? nullptr : b.data(), y_row);
+      normalize(h_row, n, row_mean, row_rstd, w_values, b_values, y_row);
       finish_output_row(y_row, n, x_dtype, y_dst);
     }
   });
