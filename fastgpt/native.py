@@ -33,7 +33,7 @@ def available():
     """(available, reason) for the native backend."""
     if _C is None:
         return False, _LOAD_ERROR
-    info = _C.build_info()
+    info = _build_info()
     cuda = f"CUDA {', '.join(info['cuda_archs'])}" if info["cuda"] else "no CUDA"
     threads = f"OpenMP, {info['threads']} threads" if info["openmp"] else f"{info['threads']} threads"
     return True, f"C++ extension: CPU ({threads}) and {cuda}; built with {info['compiler']} for torch {info['torch']}"
