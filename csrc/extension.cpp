@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "alloc_output.h"
+#include "cpu_gemm.h"
 #include "cpu_ops.h"
 
 namespace fastgpt {
@@ -95,11 +96,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         info["openmp"] = false;
 #endif
         info["threads"] = at::get_num_threads();
+        info["cpu_gemm"] = fastgpt::cpu::gemm_path();
         info["torch"] = TORCH_VERSION;
         info["compiler"] = fastgpt::compiler_name();
         return info;
       },
-      "How this extension was built: CUDA (and for which archs), OpenMP, threads, torch, compiler.");
+      "How this extension was built: CUDA (and for which archs), OpenMP, threads, torch, compiler, and how "
+      "the CPU kernels multiply tiles (cpu_gemm: 'blas', torch's BLAS called directly, or 'aten').");
   module.def(
       "cpu_output_cache",
       []() {
@@ -115,6 +118,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Keep at most limit_bytes of freed CPU outputs for reuse (0: none); frees what is over it.");
   module.def("empty_cpu_output_cache", &fastgpt::empty_cpu_output_cache,
              "Free every CPU output buffer kept for reuse.");
+  module.def("_set_force_aten_gemm", &fastgpt::cpu::set_force_aten_gemm, pybind11::arg("enabled"),
+             "Test hook: when on, the CPU kernels multiply tiles through at::cpu::addmm_ instead of the BLAS.");
   module.def("_set_poison_outputs", &fastgpt::set_poison_outputs, pybind11::arg("enabled"),
              "Test hook: when on, every output the native kernels allocate is filled with NaN first.");
 }

@@ -48,6 +48,7 @@ def test_build_info_keys_and_types(extension):
     assert isinstance(info["threads"], int) and info["threads"] >= 1
     assert info["torch"] == torch.__version__.split("+")[0]
     assert isinstance(info["compiler"], str) and info["compiler"]
+    assert info["cpu_gemm"] in ("blas", "aten")
     assert isinstance(info["cuda_attention_backward"], bool)
     if not info["cuda"]:
         assert not info["cuda_attention_forward"] and not info["cuda_attention_backward"]
@@ -205,20 +206,33 @@ def test_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.fixture(params=["blas", "aten"])
+def cpu_gemm(request, extension):
+    """Both ways the CPU kernels multiply tiles: torch's BLAS called directly, and at::cpu::addmm_."""
+    if request.param == "blas" and extension.build_info()["cpu_gemm"] != "blas":
+        pytest.skip("this torch exports no sgemm_: the kernels always take the aten path")
+    extension._set_force_aten_gemm(request.param == "aten")
+    yield request.param
+    extension._set_force_aten_gemm(False)
+
+
+@pytest.mark.parametrize("seq_q, seq_k", [(300, 700), (700, 300)], ids=["sq<sk", "sq>sk"])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=str)
 @requires_extension
-def test_long_attention_matches_float64(dtype, tolerance):
-    """Several query and key blocks (forward and backward), GQA, a strided layout, seq_q < seq_k."""
+def test_long_attention_matches_float64(dtype, tolerance, seq_q, seq_k, cpu_gemm):
+    """Several query and key blocks (forward and backward), causal row bands, GQA, a strided layout."""
     from fastgpt import reference
 
-    q = torch.randn(1, 300, 4, 40).transpose(1, 2).to(dtype)
-    k, v = torch.randn(1, 2, 700, 40, dtype=dtype), torch.randn(1, 2, 700, 40, dtype=dtype)
+    q = torch.randn(1, seq_q, 4, 40).transpose(1, 2).to(dtype)
+    k, v = torch.randn(1, 2, seq_k, 40, dtype=dtype), torch.randn(1, 2, seq_k, 40, dtype=dtype)
     q64, k64, v64 = q.double(), k.double(), v.double()
     for causal in (True, False):
         o, lse = native.attention_forward(q, k, v, causal, 0.15)
         o_ref, lse_ref = reference.attention_forward(q64, k64, v64, causal, 0.15)
         assert (o.double() - o_ref).norm() / o_ref.norm() < tolerance
-        assert (lse.double() - lse_ref).abs().max() < (1e-4 if dtype == torch.float32 else 5e-2)
+        seen = lse_ref > float("-inf")  # causal with seq_q > seq_k: the first rows see no key
+        assert torch.equal(lse > float("-inf"), seen)
+        assert (lse.double() - lse_ref)[seen].abs().max() < (1e-4 if dtype == torch.float32 else 5e-2)
         do = torch.randn_like(o)
         grads = native.attention_backward(do, q, k, v, o, lse, causal, 0.15)
         grads_ref = reference.attention_backward(do.double(), q64, k64, v64, o_ref, lse_ref, causal, 0.15)

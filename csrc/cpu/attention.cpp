@@ -4,10 +4,14 @@
 // seq_q x seq_k matrix ever exists: per thread there is one block of scores. Tiles of q/k/v
 // (any strides, fp32/fp16/bf16) are converted to dense fp32 on load (fp32 tiles with a unit
 // inner stride are used in place). The tile products go to torch's BLAS (MKL on x86-64) through
-// at::cpu::mm_out / addmm_ on views of the tiles. Measured on one core for a 128x128x64 tile
-// product: MKL 132 GFLOP/s against 108 for a register-blocked 4x32 AVX-512 micro-kernel
-// (144 vs 82 at 128x512x64); at::vec::Vectorized is scalar code in this baseline-x86-64 build.
-// exp() and the other row loops are vector code compiled for several ISAs (cpu_simd.h).
+// cpu_gemm.h. Measured on one core for a 128x128x64 tile product: MKL 132 GFLOP/s against 108 for
+// a register-blocked 4x32 AVX-512 micro-kernel (144 vs 82 at 128x512x64); at::vec::Vectorized is
+// scalar code in this baseline-x86-64 build. exp() and the other row loops are vector code
+// compiled for several ISAs (cpu_simd.h).
+//
+// Under a causal mask, the rows of a block that see only part of a key block are multiplied in
+// bands of kBandRows rows, each against only the keys its last row sees, so most of the masked
+// corner of a diagonal block is never computed (it is a quarter of the products at 1024 keys).
 //
 // Parallelism, with tasks handed out dynamically: the forward over batch x heads x query
 // blocks; the backward over batch x kv_heads x (a fixed number of splits of the key blocks).
@@ -15,9 +19,8 @@
 // of its split; the partials are summed in split order. Nothing depends on the thread count,
 // so the results are deterministic.
 #include <ATen/Parallel.h>
-#include <ATen/ops/addmm_cpu_dispatch.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -25,6 +28,7 @@
 #include <vector>
 
 #include "alloc_output.h"
+#include "cpu_gemm.h"
 #include "cpu_ops.h"
 #include "cpu_simd.h"
 #include "float_rows.h"
@@ -38,6 +42,8 @@ constexpr int64_t kForwardBlockQ = 128;
 constexpr int64_t kForwardBlockK = 512;
 constexpr int64_t kBackwardBlockQ = 128;
 constexpr int64_t kBackwardBlockK = 128;
+// rows per band where a causal mask cuts a block (see the top of the file)
+constexpr int64_t kBandRows = 32;
 // the backward splits the key blocks of each (batch, kv_head) until there are this many tasks
 constexpr int64_t kMinBackwardTasks = 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -107,6 +113,13 @@ FASTGPT_CPU_DISPATCH float dot(const float* a, const float* b, int64_t n) {
 
 // ----------------------------------------------------------------------------- tiles
 
+// Rows of fp32 values, row r at data + r * ld.
+struct Tile {
+  const float* data;
+  int64_t ld;
+  const float* row(int64_t r) const { return data + r * ld; }
+};
+
 // A (batch, heads, seq, head_dim) tensor read row by row, with its own strides and dtype.
 struct Heads {
   const char* data;
@@ -130,16 +143,14 @@ struct Heads {
     }
   }
 
-  // The same rows as an fp32 matrix (count x head_dim): a view of the tensor itself when it is
-  // fp32 with unit inner stride (no copy), else loaded into `buffer`.
-  at::Tensor tile(int64_t b, int64_t h, int64_t first, int64_t count, int64_t head_dim, float* buffer) const {
+  // The same rows as a dense fp32 matrix (count x head_dim, row stride ld): the tensor itself when
+  // it is fp32 with unit inner stride (no copy), else loaded into `buffer`.
+  Tile tile(int64_t b, int64_t h, int64_t first, int64_t count, int64_t head_dim, float* buffer) const {
     if (dtype == at::kFloat && (stride_dim == 1 || head_dim == 1) && stride_seq >= head_dim) {
-      float* first_row = const_cast<float*>(reinterpret_cast<const float*>(row(b, h, first)));
-      return at::from_blob(first_row, {count, head_dim}, {count == 1 ? head_dim : stride_seq, 1},
-                           at::TensorOptions().dtype(at::kFloat));
+      return {reinterpret_cast<const float*>(row(b, h, first)), count == 1 ? head_dim : stride_seq};
     }
     load(b, h, first, count, head_dim, buffer);
-    return at::from_blob(buffer, {count, head_dim}, at::TensorOptions().dtype(at::kFloat));
+    return {buffer, head_dim};
   }
 
  private:
@@ -147,11 +158,6 @@ struct Heads {
     return data + (b * stride_batch + h * stride_head + s * stride_seq) * element_size;
   }
 };
-
-// A dense row-major fp32 buffer seen as a (rows, cols) tensor, without a copy, for the BLAS calls.
-at::Tensor matrix(float* data, int64_t rows, int64_t cols) {
-  return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(at::kFloat));
-}
 
 // Calls worker(next_task) once per thread; next_task() hands out 0, 1, 2, ... first come, first
 // served, so a thread slowed down by other load on the machine simply takes fewer tasks. Every
@@ -170,6 +176,25 @@ inline int64_t visible_keys(bool causal, int64_t query, int64_t first_key, int64
   if (!causal) return block;
   const int64_t last_visible = query + seq_k - seq_q;  // bottom-right alignment
   return std::clamp<int64_t>(last_visible - first_key + 1, 0, block);
+}
+
+// Calls body(first_row, end_row, keys) for bands of rows of a query block (block_q rows from
+// first_query) against a key block (block_k keys from first_key), such that every row of a band sees
+// at most its first `keys` keys. Rows that see the whole block form one band; rows that see only part
+// of it (the causal diagonal) are taken kBandRows at a time, each band against the keys its last row
+// sees. Bands whose rows see no key are skipped.
+template <typename Body>
+void for_row_bands(bool causal, int64_t first_query, int64_t block_q, int64_t first_key, int64_t block_k,
+                   int64_t seq_q, int64_t seq_k, Body&& body) {
+  for (int64_t first_row = 0; first_row < block_q; first_row += kBandRows) {
+    const int64_t end_row = std::min(first_row + kBandRows, block_q);
+    const int64_t keys = visible_keys(causal, first_query + end_row - 1, first_key, block_k, seq_q, seq_k);
+    if (keys == block_k) {  // visibility only grows down the block: every later row sees every key
+      body(first_row, block_q, block_k);
+      return;
+    }
+    if (keys > 0) body(first_row, end_row, keys);
+  }
 }
 
 void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -227,29 +252,32 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
-      at::Tensor q_matrix = matrix(q_tile.data(), block_q, head_dim);
-      at::Tensor acc_matrix = matrix(acc.data(), block_q, head_dim);
 
       for (int64_t first_key = 0; first_key < key_end; first_key += kForwardBlockK) {
         const int64_t block_k = std::min(kForwardBlockK, key_end - first_key);
-        at::Tensor k_matrix = k_heads.tile(b, h / group, first_key, block_k, head_dim, k_tile.data());
-        at::Tensor v_matrix = v_heads.tile(b, h / group, first_key, block_k, head_dim, v_tile.data());
-        at::Tensor score_matrix = matrix(scores.data(), block_q, block_k);
-        at::cpu::mm_out(score_matrix, q_matrix, k_matrix.t());
+        const Tile k_rows = k_heads.tile(b, h / group, first_key, block_k, head_dim, k_tile.data());
+        const Tile v_rows = v_heads.tile(b, h / group, first_key, block_k, head_dim, v_tile.data());
+        for_row_bands(causal, first_query, block_q, first_key, block_k, seq_q, seq_k,
+                      [&](int64_t first_row, int64_t end_row, int64_t keys) {
+          float* band_scores = &scores[first_row * block_k];
+          gemm(Transpose::no, Transpose::yes, end_row - first_row, keys, head_dim, 1.f,
+               &q_tile[first_row * head_dim], head_dim, k_rows.data, k_rows.ld, 0.f, band_scores, block_k);
 
-        // online softmax: scores -> unnormalized probabilities; rescale what was accumulated
-        for (int64_t r = 0; r < block_q; ++r) {
-          float* row = &scores[r * block_k];
-          const int64_t visible = visible_keys(causal, first_query + r, first_key, block_k, seq_q, seq_k);
-          std::fill(row + visible, row + block_k, 0.f);
-          if (visible == 0) continue;
-          const float new_max = std::max(row_max[r], max_of(row, visible));
-          const float rescale = std::exp(row_max[r] - new_max);  // 0 while the row had no key yet
-          row_sum[r] = row_sum[r] * rescale + exp_in_place(row, visible, 1.f, new_max);
-          row_max[r] = new_max;
-          if (rescale != 1.f) scale_in_place(&acc[r * head_dim], head_dim, rescale);
-        }
-        at::cpu::addmm_(acc_matrix, score_matrix, v_matrix);
+          // online softmax: scores -> unnormalized probabilities; rescale what was accumulated
+          for (int64_t r = first_row; r < end_row; ++r) {
+            float* row = &scores[r * block_k];
+            const int64_t visible = visible_keys(causal, first_query + r, first_key, keys, seq_q, seq_k);
+            std::fill(row + visible, row + keys, 0.f);
+            if (visible == 0) continue;
+            const float new_max = std::max(row_max[r], max_of(row, visible));
+            const float rescale = std::exp(row_max[r] - new_max);  // 0 while the row had no key yet
+            row_sum[r] = row_sum[r] * rescale + exp_in_place(row, visible, 1.f, new_max);
+            row_max[r] = new_max;
+            if (rescale != 1.f) scale_in_place(&acc[r * head_dim], head_dim, rescale);
+          }
+          gemm(Transpose::no, Transpose::no, end_row - first_row, head_dim, keys, 1.f, band_scores, block_k,
+               v_rows.data, v_rows.ld, 1.f, &acc[first_row * head_dim], head_dim);
+        });
       }
 
       // normalize; a row that saw no key gives o = 0 and lse = -inf
@@ -291,10 +319,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   at::parallel_for(0, batch * heads * seq_q, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> grad_row(head_dim), out_row(head_dim);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t bh = row / seq_q, s = row % seq_q;
-      grad_out_heads.load(bh / heads, bh % heads, s, 1, head_dim, grad_row.data());
-      out_heads.load(bh / heads, bh % heads, s, 1, head_dim, out_row.data());
-      delta[row] = dot(grad_row.data(), out_row.data(), head_dim);
+      const int64_t b = row / seq_q / heads, h = row / seq_q % heads, s = row % seq_q;
+      delta[row] = dot(grad_out_heads.tile(b, h, s, 1, head_dim, grad_row.data()).data,
+                       out_heads.tile(b, h, s, 1, head_dim, out_row.data()).data, head_dim);
     }
   });
 
@@ -302,11 +329,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   const int64_t splits =
       std::clamp<int64_t>((kMinBackwardTasks + batch * kv_heads - 1) / (batch * kv_heads), 1, key_blocks);
   const int64_t key_blocks_per_split = (key_blocks + splits - 1) / splits;
-  // dQ partial sums, one per split of the key blocks, in fp32: (splits, batch, heads, seq_q, head_dim)
-  at::Tensor grad_q_partial = at::zeros({splits, batch, heads, seq_q, head_dim}, q.options().dtype(at::kFloat));
-  float* grad_q_acc = grad_q_partial.data_ptr<float>();
+  at::Tensor grad_q = alloc_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_k = alloc_output(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_v = alloc_output(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  // dQ is accumulated in fp32, one partial sum per split of the key blocks: (splits, batch, heads,
+  // seq_q, head_dim). With one split and fp32 q, the partial is grad_q itself.
+  const bool grad_q_in_place = splits == 1 && q.scalar_type() == at::kFloat;
+  at::Tensor grad_q_partial = grad_q_in_place
+                                  ? grad_q.zero_()
+                                  : at::zeros({splits, batch, heads, seq_q, head_dim}, q.options().dtype(at::kFloat));
+  float* grad_q_acc = grad_q_partial.data_ptr<float>();
 
   const int64_t tasks = batch * kv_heads * splits;
   run_tasks_dynamically(tasks, [&](const auto& next_task) {
@@ -320,12 +352,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
       for (int64_t key_block = split * key_blocks_per_split; key_block < block_end; ++key_block) {
         const int64_t first_key = key_block * kBackwardBlockK;
         const int64_t block_k = std::min(kBackwardBlockK, seq_k - first_key);
-        at::Tensor k_matrix = k_heads.tile(b, kvh, first_key, block_k, head_dim, k_tile.data());
-        at::Tensor v_matrix = v_heads.tile(b, kvh, first_key, block_k, head_dim, v_tile.data());
+        const Tile k_rows = k_heads.tile(b, kvh, first_key, block_k, head_dim, k_tile.data());
+        const Tile v_rows = v_heads.tile(b, kvh, first_key, block_k, head_dim, v_tile.data());
         std::fill(grad_k_acc.begin(), grad_k_acc.end(), 0.f);
         std::fill(grad_v_acc.begin(), grad_v_acc.end(), 0.f);
-        at::Tensor grad_k_matrix = matrix(grad_k_acc.data(), block_k, head_dim);
-        at::Tensor grad_v_matrix = matrix(grad_v_acc.data(), block_k, head_dim);
         // queries before this one see none of the block's keys
         const int64_t first_seeing = causal ? std::max<int64_t>(0, first_key - (seq_k - seq_q)) : 0;
 
@@ -334,31 +364,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
                first_query += kBackwardBlockQ) {
             const int64_t block_q = std::min(kBackwardBlockQ, seq_q - first_query);
             const int64_t row0 = (b * heads + h) * seq_q + first_query;
-            at::Tensor q_matrix = q_heads.tile(b, h, first_query, block_q, head_dim, q_tile.data());
-            at::Tensor grad_out_matrix =
-                grad_out_heads.tile(b, h, first_query, block_q, head_dim, grad_out_tile.data());
-            at::Tensor probs_matrix = matrix(probs.data(), block_q, block_k);
-            at::Tensor grad_scores_matrix = matrix(grad_scores.data(), block_q, block_k);
+            const Tile q_rows = q_heads.tile(b, h, first_query, block_q, head_dim, q_tile.data());
+            const Tile grad_out_rows = grad_out_heads.tile(b, h, first_query, block_q, head_dim, grad_out_tile.data());
+            float* grad_q_rows = grad_q_acc + (split * batch * heads * seq_q + row0) * head_dim;
 
-            // P = exp(scale * Q K^T - lse), zero where masked or where the row sees no key
-            at::cpu::mm_out(probs_matrix, q_matrix, k_matrix.t());
-            for (int64_t r = 0; r < block_q; ++r) {
-              float* row = &probs[r * block_k];
-              const int64_t visible = visible_keys(causal, first_query + r, first_key, block_k, seq_q, seq_k);
-              const float row_lse = lse_in[row0 + r];
-              const int64_t kept = row_lse == kNegInf ? 0 : visible;
-              std::fill(row + kept, row + block_k, 0.f);
-              if (kept > 0) exp_in_place(row, kept, static_cast<float>(scale), row_lse);
-            }
-            at::cpu::addmm_(grad_v_matrix, probs_matrix.t(), grad_out_matrix);  // dV += P^T dO
-            at::cpu::mm_out(grad_scores_matrix, grad_out_matrix, v_matrix.t());  // dP = dO V^T
-            for (int64_t r = 0; r < block_q; ++r) {  // dS = P * (dP - delta)
-              softmax_backward_in_place(&grad_scores[r * block_k], &probs[r * block_k], block_k, delta[row0 + r]);
-            }
-            at::cpu::addmm_(grad_k_matrix, grad_scores_matrix.t(), q_matrix, 1, scale);  // dK += scale dS^T Q
-            at::Tensor grad_q_rows =
-                matrix(grad_q_acc + (split * batch * heads * seq_q + row0) * head_dim, block_q, head_dim);
-            at::cpu::addmm_(grad_q_rows, grad_scores_matrix, k_matrix, 1, scale);  // dQ += scale dS K
+            for_row_bands(causal, first_query, block_q, first_key, block_k, seq_q, seq_k,
+                          [&](int64_t first_row, int64_t end_row, int64_t keys) {
+              const int64_t rows = end_row - first_row;
+              float* band_probs = &probs[first_row * block_k];
+              float* band_grad_scores = &grad_scores[first_row * block_k];
+              const float* band_q = q_rows.row(first_row);
+              const float* band_grad_out = grad_out_rows.row(first_row);
+
+              // P = exp(scale * Q K^T - lse), zero where masked or where the row sees no key
+              gemm(Transpose::no, Transpose::yes, rows, keys, head_dim, 1.f, band_q, q_rows.ld, k_rows.data,
+                   k_rows.ld, 0.f, band_probs, block_k);
+              for (int64_t r = first_row; r < end_row; ++r) {
+                float* row = &probs[r * block_k];
+                const int64_t visible = visible_keys(causal, first_query + r, first_key, keys, seq_q, seq_k);
+                const float row_lse = lse_in[row0 + r];
+                const int64_t kept = row_lse == kNegInf ? 0 : visible;
+                std::fill(row + kept, row + keys, 0.f);
+                if (kept > 0) exp_in_place(row, kept, static_cast<float>(scale), row_lse);
+              }
+              // dV += P^T dO
+              gemm(Transpose::yes, Transpose::no, keys, head_dim, rows, 1.f, band_probs, block_k, band_grad_out,
+                   grad_out_rows.ld, 1.f, grad_v_acc.data(), head_dim);
+              // dP = dO V^T
+              gemm(Transpose::no, Transpose::yes, rows, keys, head_dim, 1.f, band_grad_out, grad_out_rows.ld,
+                   v_rows.data, v_rows.ld, 0.f, band_grad_scores, block_k);
+              for (int64_t r = first_row; r < end_row; ++r) {  // dS = P * (dP - delta)
+                softmax_backward_in_place(&grad_scores[r * block_k], &probs[r * block_k], keys, delta[row0 + r]);
+              }
+              // dK += scale dS^T Q
+              gemm(Transpose::yes, Transpose::no, keys, head_dim, rows, static_cast<float>(scale), band_grad_scores,
+                   block_k, band_q, q_rows.ld, 1.f, grad_k_acc.data(), head_dim);
+              // dQ += scale dS K
+              gemm(Transpose::no, Transpose::no, rows, head_dim, keys, static_cast<float>(scale), band_grad_scores,
+                   block_k, k_rows.data, k_rows.ld, 1.f, grad_q_rows + first_row * head_dim, head_dim);
+            });
           }
         }
         for (int64_t r = 0; r < block_k; ++r) {
@@ -369,9 +413,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
       }
     }
   });
+  if (grad_q_in_place) return {grad_q, grad_k, grad_v};
 
   // dQ = the split partials summed in split order, in q's dtype
-  at::Tensor grad_q = alloc_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t rows = batch * heads * seq_q, split_stride = rows * head_dim;
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> total(head_dim);

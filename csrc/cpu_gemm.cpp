@@ -1,0 +1,80 @@
+// See cpu_gemm.h.
+#include "cpu_gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+
+// The Fortran BLAS entry point that torch's own CPU matmul calls (exported by libtorch_cpu when it
+// is built with MKL or OpenBLAS). Weak: where no loaded library defines it, it is null and gemm()
+// takes the ATen path instead of failing to load.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace fastgpt::cpu {
+namespace {
+
+std::atomic<bool> force_aten_gemm{false};
+
+bool blas_available() {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  return sgemm_ != nullptr;
+#else
+  return false;  // blas_gemm's integer passing below relies on little-endian layout
+#endif
+}
+
+at::Tensor row_major_view(const float* data, int64_t rows, int64_t cols, int64_t ld, Transpose transpose) {
+  // stored as (rows, cols) of op's input; the view is op(x)
+  at::Tensor stored = at::from_blob(const_cast<float*>(data), {rows, cols}, {ld, 1},
+                                    at::TensorOptions().dtype(at::kFloat));
+  return transpose == Transpose::yes ? stored.t() : stored;
+}
+
+void aten_gemm(Transpose transpose_a, Transpose transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
+               const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const bool ta = transpose_a == Transpose::yes, tb = transpose_b == Transpose::yes;
+  at::Tensor a_view = row_major_view(a, ta ? k : m, ta ? m : k, lda, transpose_a);
+  at::Tensor b_view = row_major_view(b, tb ? n : k, tb ? k : n, ldb, transpose_b);
+  at::Tensor c_view = row_major_view(c, m, n, ldc, Transpose::no);
+  at::cpu::addmm_(c_view, a_view, b_view, beta, alpha);  // beta == 0 ignores c's old values, NaN included
+}
+
+void blas_gemm(Transpose transpose_a, Transpose transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
+               const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  // BLAS is column-major: the row-major c = op(a) op(b) is the column-major c^T = op(b)^T op(a)^T,
+  // so the operands swap places and keep their transpose flags.
+  const char ta = transpose_a == Transpose::yes ? 'T' : 'N', tb = transpose_b == Transpose::yes ? 'T' : 'N';
+  // The sizes are held in 64-bit integers and passed as int*: an LP64 BLAS reads the low 32 bits,
+  // an ILP64 one all 64, and on a little-endian machine both read the same value (all < 2^31).
+  const int64_t sizes[6] = {n, m, k, ldb, lda, ldc};
+  const int* as_int = reinterpret_cast<const int*>(sizes);
+  sgemm_(&tb, &ta, as_int, as_int + 2, as_int + 4, &alpha, b, as_int + 6, a, as_int + 8, &beta, c, as_int + 10);
+}
+
+}  // namespace
+
+void gemm(Transpose transpose_a, Transpose transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
+          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const bool ta = transpose_a == Transpose::yes, tb = transpose_b == Transpose::yes;
+  // what BLAS accepts: 32-bit sizes, and each row stride at least its row's length (at least 1)
+  const bool blas_can = m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && lda <= INT_MAX && ldb <= INT_MAX &&
+                        ldc <= INT_MAX && lda >= std::max<int64_t>(1, ta ? m : k) &&
+                        ldb >= std::max<int64_t>(1, tb ? k : n) && ldc >= std::max<int64_t>(1, n);
+  if (blas_can && blas_available() && !force_aten_gemm.load(std::memory_order_relaxed)) {
+    blas_gemm(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    aten_gemm(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+const char* gemm_path() { return blas_available() && !force_aten_gemm.load() ? "blas" : "aten"; }
+
+void set_force_aten_gemm(bool enabled) { force_aten_gemm.store(enabled); }
+
+}  // namespace fastgpt::cpu
