@@ -36,7 +36,12 @@ def available():
     info = _build_info()
     cuda = f"CUDA {', '.join(info['cuda_archs'])}" if info["cuda"] else "no CUDA"
     threads = f"OpenMP, {info['threads']} threads" if info["openmp"] else f"{info['threads']} threads"
-    return True, f"C++ extension: CPU ({threads}) and {cuda}; built with {info['compiler']} for torch {info['torch']}"
+    # builds before cpu_gemm was reported multiplied tiles through ATen too
+    tiles = "torch's BLAS" if info.get("cpu_gemm", "aten") == "blas" else "at::addmm"
+    return True, (
+        f"C++ extension: CPU ({threads}, tile products in {tiles}) and {cuda}; "
+        f"built with {info['compiler']} for torch {info['torch']}"
+    )
 
 
 @functools.cache

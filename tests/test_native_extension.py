@@ -59,6 +59,7 @@ def test_backend_is_available_and_reports_itself():
     ok, reason = native.available()
     info = native._C.build_info()
     assert ok and ("no CUDA" in reason) != info["cuda"] and f"torch {info['torch']}" in reason
+    assert ("torch's BLAS" in reason) == (info["cpu_gemm"] == "blas")
 
 
 @requires_extension
