@@ -97,12 +97,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #endif
         info["threads"] = at::get_num_threads();
         info["cpu_gemm"] = fastgpt::cpu::gemm_path();
+        info["cpu_bf16_gemm"] = fastgpt::cpu::bf16_gemm_available();
         info["torch"] = TORCH_VERSION;
         info["compiler"] = fastgpt::compiler_name();
         return info;
       },
       "How this extension was built: CUDA (and for which archs), OpenMP, threads, torch, compiler, and how "
-      "the CPU kernels multiply tiles (cpu_gemm: 'blas', torch's BLAS called directly, or 'aten').");
+      "the CPU kernels multiply tiles (cpu_gemm: 'blas', torch's BLAS called directly, or 'aten'; "
+      "cpu_bf16_gemm: bf16 tiles multiplied in bf16 on this CPU).");
   module.def(
       "cpu_output_cache",
       []() {
