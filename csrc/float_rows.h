@@ -12,7 +12,26 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_simd.h"
+
 namespace fastgpt::cpu {
+
+typedef uint32_t Uints __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef uint16_t Uint16s __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+
+// dst[j] = src[j] rounded to bf16 (to nearest, ties to even; NaN becomes 0x7FC0: c10::BFloat16's
+// rounding) for j < n. Vector code: at::vec::convert is scalar in this baseline-x86-64 build.
+FASTGPT_CPU_DISPATCH inline void round_to_bf16(const float* src, int64_t n, at::BFloat16* dst) {
+  for_lanes(n, [&](int64_t j, int64_t count) {
+    const Floats x = load_lanes(src + j, count);
+    Uints bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    Uints rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    rounded = x == x ? rounded : Uints{} + 0x7FC0u;
+    const Uint16s halves = __builtin_convertvector(rounded, Uint16s);
+    std::memcpy(dst + j, &halves, count * sizeof(uint16_t));
+  });
+}
 
 template <typename T>
 inline void load_row_typed(const T* src, int64_t stride, int64_t n, float* dst) {
@@ -59,7 +78,7 @@ inline void store_row(const float* src, int64_t n, at::ScalarType dtype, void* d
     case at::kHalf:
       return at::vec::convert(src, static_cast<at::Half*>(dst), n);
     case at::kBFloat16:
-      return at::vec::convert(src, static_cast<at::BFloat16*>(dst), n);
+      return round_to_bf16(src, n, static_cast<at::BFloat16*>(dst));
     default:
       TORCH_CHECK(false, "fastgpt native CPU kernels support float32, float16 and bfloat16, got ", dtype);
   }

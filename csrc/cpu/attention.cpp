@@ -7,10 +7,11 @@
 // cpu_gemm.h. bf16 inputs, on a CPU with bf16 units (AMX, AVX512-BF16), keep bf16 tiles and
 // multiply them in bf16 with fp32 accumulation, rounding the fp32 probabilities and score gradients
 // to bf16 on the way into their products as FlashAttention does on GPUs: about 1.4x faster forward
-// and 1.6x forward+backward than fp32 tiles at (4, 8, 1024, 64) here. Measured on one core for a 128x128x64 tile product: MKL 132 GFLOP/s against 108 for
-// a register-blocked 4x32 AVX-512 micro-kernel (144 vs 82 at 128x512x64); at::vec::Vectorized is
-// scalar code in this baseline-x86-64 build. exp() and the other row loops are vector code
-// compiled for several ISAs (cpu_simd.h).
+// and 1.6x forward+backward than fp32 tiles at (4, 8, 1024, 64) here. Measured on one core for a
+// 128x128x64 tile product: MKL 132 GFLOP/s against 108 for a register-blocked 4x32 AVX-512
+// micro-kernel (144 vs 82 at 128x512x64); at::vec::Vectorized is scalar code in this
+// baseline-x86-64 build. exp() and the other row loops are vector code compiled for several ISAs
+// (cpu_simd.h).
 //
 // Under a causal mask, the rows of a block that see only part of a key block are multiplied in
 // bands of kBandRows rows, each against only the keys its last row sees, so most of the masked
@@ -19,8 +20,8 @@
 // Parallelism, with tasks handed out dynamically: the forward over batch x heads x query
 // blocks; the backward over batch x kv_heads x (a fixed number of splits of the key blocks).
 // A backward task owns dK/dV of its key blocks and accumulates dQ into the fp32 partial buffer
-// of its split (with one split and fp32 q, into dQ itself); the partials are summed in split order. Nothing depends on the thread count,
-// so the results are deterministic.
+// of its split (with one split and fp32 q, into dQ itself); the partials are summed in split
+// order. Nothing depends on the thread count, so the results are deterministic.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -115,22 +116,6 @@ FASTGPT_CPU_DISPATCH float dot(const float* a, const float* b, int64_t n) {
   Floats sums{};
   for_lanes(n, [&](int64_t j, int64_t count) { sums += load_lanes(a + j, count) * load_lanes(b + j, count); });
   return sum_lanes(sums);
-}
-
-typedef uint32_t Uints __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-typedef uint16_t Uint16s __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-
-// dst[j] = src[j] rounded to bf16 (to nearest, ties to even; NaN stays NaN) for j < n
-FASTGPT_CPU_DISPATCH void round_to_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
-  for_lanes(n, [&](int64_t j, int64_t count) {
-    const Floats x = load_lanes(src + j, count);
-    Uints bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    Uints rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    rounded = x == x ? rounded : Uints{} + 0x7FC0u;
-    const Uint16s halves = __builtin_convertvector(rounded, Uint16s);
-    std::memcpy(dst + j, &halves, count * sizeof(uint16_t));
-  });
 }
 
 // ----------------------------------------------------------------------------- tiles
@@ -267,10 +252,6 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.size(3) <= kMaxHeadDim, "fastgpt native attention: head_dim must be at most ", kMaxHeadDim, ", got ",
               q.size(3));
 }
-
-}  // namespace
-
-namespace {
 
 // The forward with tiles of Elem: fp32, or bf16 for bf16 inputs where the CPU multiplies bf16.
 template <typename Elem>
