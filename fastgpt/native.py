@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from fastgpt.reference import residual_stream_dtype
+from fastgpt.contract import residual_stream_dtype
 
 try:
     from fastgpt import _C

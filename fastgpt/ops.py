@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgpt.reference import residual_stream_dtype
+from fastgpt.contract import residual_stream_dtype
 
 BACKEND_NAMES = ("triton", "native", "reference")
 _CHOICES = ("auto",) + BACKEND_NAMES

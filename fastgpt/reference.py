@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from fastgpt.contract import residual_stream_dtype
+
 
 def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -66,11 +68,6 @@ def attention_backward(do, q, k, v, o, lse, causal, scale):
         dk = dk.view(b, kv_heads, heads // kv_heads, s, d).sum(2)
         dv = dv.view(b, kv_heads, heads // kv_heads, s, d).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def residual_stream_dtype(x_dtype, residual_in_fp32):
-    """The dtype of h = x + residual: float32 when asked for and x is half precision, else x's dtype."""
-    return torch.float32 if residual_in_fp32 and x_dtype in (torch.float16, torch.bfloat16) else x_dtype
 
 
 def add_layer_norm_unsupported(x, residual, weight, bias):

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from fastgpt.kernels import device_unsupported_reason, interpreting
-from fastgpt.reference import residual_stream_dtype
+from fastgpt.contract import residual_stream_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HIDDEN = 65536  # the widest row tested; wider works the same way (column loops) but is untested
