@@ -9,28 +9,13 @@
 
 #include <cmath>
 
+#include "cpu/output_cache.h"
+
 namespace fastgpt {
 
 // Defined in csrc/extension.cpp; the flag is process-wide and off by default.
 bool poison_outputs_enabled();
 void set_poison_outputs(bool enabled);
-
-struct CpuOutputCacheStats {
-  size_t allocated_bytes;  // held by live outputs
-  size_t cached_bytes;     // freed outputs kept for reuse
-  size_t limit_bytes;      // the most the cache keeps
-};
-
-// A CPU tensor from fastgpt's cache of huge-page buffers (csrc/cpu_output_cache.cpp): a large
-// output whose pages are already mapped when the last one of its size was freed.
-at::Tensor empty_cpu_output(at::IntArrayRef sizes, at::ScalarType dtype);
-CpuOutputCacheStats cpu_output_cache_stats();
-void set_cpu_output_cache_limit(size_t bytes);
-void empty_cpu_output_cache();
-
-// Outputs at least this large come from the cache; smaller ones from torch's allocator, where a
-// freed block is reused before glibc would ever return its pages to the OS.
-constexpr size_t kMinCachedBytes = size_t{64} << 10;
 
 inline at::Tensor alloc_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();

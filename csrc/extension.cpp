@@ -1,8 +1,10 @@
 // The fastgpt._C extension: the native ops' schemas, their CPU registrations, and the Python module.
 //
-// The schemas are defined here once; csrc/cuda/bindings.cpp (CUDA builds only) registers CUDA
-// kernels for the same ops. fastgpt/native.py registers the fake (meta) implementations and
-// wraps the ops in the backend contract of DESIGN.md.
+// Layout of csrc/: this file and alloc_output.h (output allocation every kernel shares) at the
+// root; the CPU kernels and their helpers in cpu/; the CUDA kernels in cuda/ (.cu files with no
+// torch header, behind the plain launchers of cuda/launchers.h) and cuda/bindings.cpp, which
+// registers them for the CUDA dispatch key in CUDA builds. fastgpt/native.py registers the fake
+// (meta) implementations and wraps the ops in the backend contract of docs/architecture.md.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -11,8 +13,17 @@
 #include <cstdint>
 
 #include "alloc_output.h"
-#include "cpu_gemm.h"
-#include "cpu_ops.h"
+#include "cpu/gemm.h"
+#include "cpu/ops.h"
+#include "cuda/limits.h"
+
+#define FASTGPT_TEXT_(x) #x
+#define FASTGPT_TEXT(x) FASTGPT_TEXT_(x)
+#ifdef _GLIBCXX_USE_CXX11_ABI
+#define FASTGPT_CXX11_ABI_TEXT FASTGPT_TEXT(_GLIBCXX_USE_CXX11_ABI)
+#else
+#define FASTGPT_CXX11_ABI_TEXT "none"
+#endif
 
 namespace fastgpt {
 
@@ -35,6 +46,17 @@ const char* compiler_name() {
   return "unknown";
 #endif
 }
+
+#ifdef FASTGPT_WITH_CUDA
+const char* dtype_name(cuda::DType dtype) {
+  switch (dtype) {
+    case cuda::DType::kFloat32: return "float32";
+    case cuda::DType::kFloat16: return "float16";
+    case cuda::DType::kBFloat16: return "bfloat16";
+  }
+  return "unknown";
+}
+#endif
 }  // namespace
 
 bool poison_outputs_enabled() { return poison_outputs_flag.load(std::memory_order_relaxed); }
@@ -42,6 +64,12 @@ bool poison_outputs_enabled() { return poison_outputs_flag.load(std::memory_orde
 void set_poison_outputs(bool enabled) { poison_outputs_flag.store(enabled, std::memory_order_relaxed); }
 
 }  // namespace fastgpt
+
+// The torch this file was compiled against, readable from the .so without loading it:
+// fastgpt/_build.py refuses an extension built for another torch before dlopen, where it would
+// fail with undefined symbols (or worse). Format: "fastgpt-build-stamp:torch=2.13.0;cxx11_abi=1;".
+extern "C" __attribute__((used, visibility("default"))) const char fastgpt_build_stamp[] =
+    "fastgpt-build-stamp:torch=" TORCH_VERSION ";cxx11_abi=" FASTGPT_CXX11_ABI_TEXT ";";
 
 TORCH_LIBRARY(fastgpt, m) {
   m.def("native_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)");
@@ -90,6 +118,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         info["cuda_attention_backward"] = fastgpt::has_cuda_kernel("fastgpt::native_attention_backward");
         info["cuda_add_layer_norm"] = fastgpt::has_cuda_kernel("fastgpt::native_add_layer_norm_forward") &&
                                       fastgpt::has_cuda_kernel("fastgpt::native_add_layer_norm_backward");
+        // the inputs the kernels take, so Python never keeps a copy (the CPU add+LayerNorm takes any size)
+        info["cpu_attention_max_head_dim"] = fastgpt::cpu::kAttentionMaxHeadDim;
+        pybind11::list cuda_attention_dtypes, cuda_attention_head_dims;
+        int64_t cuda_add_layer_norm_max_hidden = 0;
+#ifdef FASTGPT_WITH_CUDA
+        for (const auto dtype : fastgpt::cuda::kAttentionDTypes) cuda_attention_dtypes.append(fastgpt::dtype_name(dtype));
+        for (const int64_t dim : fastgpt::cuda::kAttentionHeadDims) cuda_attention_head_dims.append(dim);
+        cuda_add_layer_norm_max_hidden = fastgpt::cuda::kAddLayerNormMaxHidden;
+#endif
+        info["cuda_attention_dtypes"] = cuda_attention_dtypes;
+        info["cuda_attention_head_dims"] = cuda_attention_head_dims;
+        info["cuda_add_layer_norm_max_hidden"] = cuda_add_layer_norm_max_hidden;
 #ifdef _OPENMP
         info["openmp"] = true;
 #else
@@ -99,12 +139,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         info["cpu_gemm"] = fastgpt::cpu::gemm_path();
         info["cpu_bf16_gemm"] = fastgpt::cpu::bf16_gemm_available();
         info["torch"] = TORCH_VERSION;
+        info["cxx11_abi"] = std::string(FASTGPT_CXX11_ABI_TEXT) == "1";
         info["compiler"] = fastgpt::compiler_name();
         return info;
       },
-      "How this extension was built: CUDA (and for which archs), OpenMP, threads, torch, compiler, and how "
-      "the CPU kernels multiply tiles (cpu_gemm: 'blas', torch's BLAS called directly, or 'aten'; "
-      "cpu_bf16_gemm: bf16 tiles multiplied in bf16 on this CPU).");
+      "How this extension was built: CUDA (and for which archs), which ops have CUDA kernels, the inputs the "
+      "kernels take (cpu_attention_max_head_dim; the CPU add+LayerNorm takes any hidden size; "
+      "cuda_attention_dtypes, cuda_attention_head_dims, cuda_add_layer_norm_max_hidden), OpenMP, threads, torch "
+      "and its C++ ABI, compiler, and how the CPU kernels multiply tiles (cpu_gemm: 'blas', torch's BLAS called "
+      "directly, or 'aten'; cpu_bf16_gemm: bf16 tiles multiplied in bf16 on this CPU).");
   module.def(
       "cpu_output_cache",
       []() {

@@ -2,8 +2,12 @@
 
 The kernels are the ops ``torch.ops.fastgpt.native_*`` defined by the extension (CPU always,
 CUDA when it was built with a CUDA toolkit). This module registers their fake (meta)
-implementations, says which inputs they cannot run, and wraps them in the backend contract of
-``DESIGN.md``. Importing it never fails: without the extension ``available()`` says why.
+implementations, says which inputs they cannot run (from the limits the extension reports in
+``build_info()``), and wraps them in the backend contract of ``docs/architecture.md``. Importing it
+never fails: without the extension ``available()`` says why.
+
+The extension has no CUDA kernel for the attention backward: on CUDA tensors it runs Triton's
+(or, without Triton, the reference's), and ``available()`` says so.
 """
 
 import functools
@@ -12,6 +16,10 @@ import torch
 
 from fastgpt.contract import residual_stream_dtype
 
+# what this module reads from build_info(); a build from older sources lacks some of it
+_LIMIT_KEYS = ("cpu_attention_max_head_dim", "cuda_attention_dtypes", "cuda_attention_head_dims",
+               "cuda_add_layer_norm_max_hidden")
+
 try:
     from fastgpt import _C
 except ImportError as exc:  # not built, or built against another torch (undefined symbols)
@@ -19,29 +27,34 @@ except ImportError as exc:  # not built, or built against another torch (undefin
     _LOAD_ERROR = f"the C++ extension fastgpt._C is not built or failed to load ({exc})"
 else:
     _LOAD_ERROR = None
+    _missing = [key for key in _LIMIT_KEYS if key not in _C.build_info()]
+    if _missing:
+        _C, _LOAD_ERROR = None, f"fastgpt._C was built from older sources (build_info() lacks {_missing}): rebuild it"
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
-# what the CUDA kernels (csrc/cuda) cover: WMMA tensor-core attention, one row in registers for add+LN
-CUDA_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
-CUDA_ATTENTION_HEAD_DIMS = (32, 64, 96, 128)
-CUDA_ADD_LAYER_NORM_MAX_HIDDEN = 16384
 
 
 @functools.cache  # asked on every op call; a loaded extension does not change
 def available():
-    """(available, reason) for the native backend."""
+    """(available, reason) for the native backend; the reason says what runs where."""
     if _C is None:
         return False, _LOAD_ERROR
     info = _build_info()
-    cuda = f"CUDA {', '.join(info['cuda_archs'])}" if info["cuda"] else "no CUDA"
     threads = f"OpenMP, {info['threads']} threads" if info["openmp"] else f"{info['threads']} threads"
-    # builds before cpu_gemm was reported multiplied tiles through ATen too
-    tiles = "torch's BLAS" if info.get("cpu_gemm", "aten") == "blas" else "at::addmm"
+    tiles = "torch's BLAS" if info["cpu_gemm"] == "blas" else "at::addmm"
     return True, (
-        f"C++ extension: CPU ({threads}, tile products in {tiles}) and {cuda}; "
+        f"C++ extension: CPU ({threads}, tile products in {tiles}) and {_cuda_summary(info)}; "
         f"built with {info['compiler']} for torch {info['torch']}"
     )
+
+
+def _cuda_summary(info):
+    if not info["cuda"]:
+        return "no CUDA"
+    if info["cuda_attention_backward"]:
+        return f"CUDA {', '.join(info['cuda_archs'])}"
+    name, _ = _cuda_backward_fallback()
+    return f"CUDA {', '.join(info['cuda_archs'])} (the attention backward on CUDA runs {name}: no CUDA kernel for it)"
 
 
 @functools.cache
@@ -59,7 +72,7 @@ def _has_kernel(op_name, device_type):
 def _device_reason(op_name, device):
     if _C is None:
         return _LOAD_ERROR
-    if device.type == "cuda" and not _build_info().get("cuda", False):
+    if device.type == "cuda" and not _build_info()["cuda"]:
         return "fastgpt._C was built without CUDA (rebuild with a CUDA toolkit, FASTGPT_CUDA=1)"
     if not _has_kernel(op_name, device.type):
         return f"fastgpt._C has no {device.type} kernel for {op_name}"
@@ -83,13 +96,16 @@ def attention_unsupported(q, k, v):
         reason = _dtype_reason(name, t)
         if reason is not None:
             return reason
-    if q.shape[-1] > MAX_HEAD_DIM:
-        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    info = _build_info()
+    head_dim = q.shape[-1]
     if q.device.type == "cuda":
-        if q.dtype not in CUDA_ATTENTION_DTYPES:
-            return f"the CUDA attention kernel takes float16/bfloat16, not {q.dtype}"
-        if q.shape[-1] not in CUDA_ATTENTION_HEAD_DIMS:
-            return f"the CUDA attention kernel takes head dims {CUDA_ATTENTION_HEAD_DIMS}, not {q.shape[-1]}"
+        dtypes = info["cuda_attention_dtypes"]
+        if str(q.dtype).removeprefix("torch.") not in dtypes:
+            return f"the CUDA attention kernel takes {'/'.join(dtypes)}, not {q.dtype}"
+        if head_dim not in info["cuda_attention_head_dims"]:
+            return f"the CUDA attention kernel takes head dims {tuple(info['cuda_attention_head_dims'])}, not {head_dim}"
+    elif head_dim > info["cpu_attention_max_head_dim"]:
+        return f"head dim {head_dim} > {info['cpu_attention_max_head_dim']}"
     return None
 
 
@@ -97,22 +113,25 @@ def attention_forward(q, k, v, causal, scale):
     return torch.ops.fastgpt.native_attention_forward(q, k, v, causal, scale)
 
 
+@functools.cache
 def _cuda_backward_fallback():
-    """The backend that runs the attention backward on CUDA when the extension has no CUDA kernel for it."""
+    """(name, module) of the backend that runs the attention backward on CUDA, where the extension has no
+    CUDA kernel for it: Triton's when Triton is available, else the reference."""
     from fastgpt import kernels
 
     if kernels.available()[0]:
         from fastgpt.kernels import attention
 
-        return attention
+        return "the Triton kernel", attention
     from fastgpt import reference
 
-    return reference
+    return "the reference (Triton is unavailable)", reference
 
 
 def attention_backward(do, q, k, v, o, lse, causal, scale):
-    if q.device.type == "cuda" and not _build_info().get("cuda_attention_backward", False):
-        return _cuda_backward_fallback().attention_backward(do, q, k, v, o, lse, causal, scale)
+    if q.device.type == "cuda" and not _build_info()["cuda_attention_backward"]:
+        _, fallback = _cuda_backward_fallback()
+        return fallback.attention_backward(do, q, k, v, o, lse, causal, scale)
     return torch.ops.fastgpt.native_attention_backward(do, q, k, v, o, lse, causal, scale)
 
 
@@ -127,8 +146,9 @@ def add_layer_norm_unsupported(x, residual, weight, bias):
         reason = None if t is None else _dtype_reason(name, t)
         if reason is not None:
             return reason
-    if x.device.type == "cuda" and x.shape[-1] > CUDA_ADD_LAYER_NORM_MAX_HIDDEN:
-        return f"the CUDA add+LayerNorm kernel takes hidden sizes up to {CUDA_ADD_LAYER_NORM_MAX_HIDDEN}"
+    max_hidden = _build_info()["cuda_add_layer_norm_max_hidden"]
+    if x.device.type == "cuda" and x.shape[-1] > max_hidden:
+        return f"the CUDA add+LayerNorm kernel takes hidden sizes up to {max_hidden}"
     return None
 
 

@@ -31,7 +31,7 @@ def test_cuda_sources_exist():
     assert (CUDA_DIR / "launchers.h").is_file() and (CUDA_DIR / "bindings.cpp").is_file()
 
 
-@pytest.mark.parametrize("path", CU_SOURCES + [CUDA_DIR / "launchers.h"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CU_SOURCES + [CUDA_DIR / "launchers.h", CUDA_DIR / "limits.h"], ids=lambda p: p.name)
 def test_cuda_sources_include_no_torch_header(path):
     includes = re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', path.read_text(), flags=re.M)
     torch_headers = [h for h in includes if re.match(r"(torch|ATen|c10|caffe2)/", h)]

@@ -51,8 +51,16 @@ def test_build_info_keys_and_types(extension):
     assert info["cpu_gemm"] in ("blas", "aten")
     assert isinstance(info["cpu_bf16_gemm"], bool)
     assert isinstance(info["cuda_attention_backward"], bool)
+    assert isinstance(info["cxx11_abi"], bool) and info["cxx11_abi"] == torch._C._GLIBCXX_USE_CXX11_ABI
+    assert isinstance(info["cpu_attention_max_head_dim"], int) and info["cpu_attention_max_head_dim"] >= 128
     if not info["cuda"]:
         assert not info["cuda_attention_forward"] and not info["cuda_attention_backward"]
+        assert info["cuda_attention_dtypes"] == info["cuda_attention_head_dims"] == []
+        assert info["cuda_add_layer_norm_max_hidden"] == 0
+    else:
+        assert set(info["cuda_attention_dtypes"]) <= {"float32", "float16", "bfloat16"}
+        assert info["cuda_attention_dtypes"] and all(isinstance(d, int) for d in info["cuda_attention_head_dims"])
+        assert info["cuda_add_layer_norm_max_hidden"] >= 1024
 
 
 @requires_extension
@@ -61,6 +69,34 @@ def test_backend_is_available_and_reports_itself():
     info = native._C.build_info()
     assert ok and ("no CUDA" in reason) != info["cuda"] and f"torch {info['torch']}" in reason
     assert ("torch's BLAS" in reason) == (info["cpu_gemm"] == "blas")
+
+
+@requires_extension
+def test_reason_names_the_backend_that_runs_the_cuda_attention_backward(monkeypatch):
+    """The extension has no CUDA attention backward: what runs instead is stated, not hidden."""
+    cuda_build = dict(native._build_info(), cuda=True, cuda_archs=["90"], cuda_attention_backward=False)
+    monkeypatch.setattr(native, "_build_info", lambda: cuda_build)
+    fallback_name, _ = native._cuda_backward_fallback()
+    reason = native.available.__wrapped__()[1]
+    assert f"the attention backward on CUDA runs {fallback_name}" in reason
+    assert ("Triton" in fallback_name) == fastgpt_kernels_available()
+    monkeypatch.setattr(native, "_build_info", lambda: dict(cuda_build, cuda_attention_backward=True))
+    assert "attention backward" not in native.available.__wrapped__()[1]
+
+
+def fastgpt_kernels_available():
+    from fastgpt import kernels
+
+    return kernels.available()[0]
+
+
+@requires_extension
+def test_limits_come_from_the_extension(monkeypatch):
+    """native.py keeps no copy of the kernels' limits: changing what build_info() reports changes its answers."""
+    q = torch.randn(1, 1, 4, 200)
+    assert native.attention_unsupported(q, q, q) is None
+    monkeypatch.setattr(native, "_build_info", lambda: dict(native._C.build_info(), cpu_attention_max_head_dim=128))
+    assert "head dim 200 > 128" in native.attention_unsupported(q, q, q)
 
 
 @requires_extension

@@ -3,8 +3,8 @@
 // Each row of N elements is read from memory once per direction. fp32 rows are used where they
 // lie and fp32 outputs are computed in place; fp16/bf16 rows are converted through fp32 scratch
 // rows that stay in L1. The statistics are fp32, and the row loops are vector code compiled for
-// several ISAs with a runtime choice (cpu_simd.h). Outputs come from fastgpt's cache of buffers
-// (cpu_output_cache.cpp), so a steady loop writes into pages that are already mapped. Rows are
+// several ISAs with a runtime choice (simd.h). Outputs come from fastgpt's cache of buffers
+// (output_cache.cpp), so a steady loop writes into pages that are already mapped. Rows are
 // split over threads with at::parallel_for. The backward reduces dweight/dbias into one fp32
 // partial row per fixed chunk of rows, then sums the chunks in order: the result does not
 // depend on the thread count and uses no atomics.
@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "alloc_output.h"
-#include "cpu_ops.h"
-#include "cpu_simd.h"
+#include "ops.h"
+#include "simd.h"
 #include "float_rows.h"
 
 namespace fastgpt::cpu {

@@ -4,14 +4,14 @@
 // seq_q x seq_k matrix ever exists: per thread there is one block of scores. Tiles of q/k/v
 // (any strides, fp32/fp16/bf16) are converted to dense fp32 on load (fp32 tiles with a unit
 // inner stride are used in place). The tile products go to torch's BLAS (MKL on x86-64) through
-// cpu_gemm.h. bf16 inputs, on a CPU with bf16 units (AMX, AVX512-BF16), keep bf16 tiles and
+// gemm.h. bf16 inputs, on a CPU with bf16 units (AMX, AVX512-BF16), keep bf16 tiles and
 // multiply them in bf16 with fp32 accumulation, rounding the fp32 probabilities and score gradients
 // to bf16 on the way into their products as FlashAttention does on GPUs: about 1.4x faster forward
 // and 1.6x forward+backward than fp32 tiles at (4, 8, 1024, 64) here. Measured on one core for a
 // 128x128x64 tile product: MKL 132 GFLOP/s against 108 for a register-blocked 4x32 AVX-512
 // micro-kernel (144 vs 82 at 128x512x64); at::vec::Vectorized is scalar code in this
 // baseline-x86-64 build. exp() and the other row loops are vector code compiled for several ISAs
-// (cpu_simd.h).
+// (simd.h).
 //
 // Under a causal mask, the rows of a block that see only part of a key block are multiplied in
 // bands of kBandRows rows, each against only the keys its last row sees, so most of the masked
@@ -33,15 +33,14 @@
 #include <vector>
 
 #include "alloc_output.h"
-#include "cpu_gemm.h"
-#include "cpu_ops.h"
-#include "cpu_simd.h"
+#include "gemm.h"
+#include "ops.h"
+#include "simd.h"
 #include "float_rows.h"
 
 namespace fastgpt::cpu {
 namespace {
 
-constexpr int64_t kMaxHeadDim = 256;
 // tile sizes measured best for head_dim 64 on a 2-core AVX-512 machine (MKL sgemm on the tiles)
 constexpr int64_t kForwardBlockQ = 128;
 constexpr int64_t kForwardBlockK = 512;
@@ -249,8 +248,8 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
               q.size(0), ", kv_heads, seq_k, head_dim=", q.size(3), ") to match q, got ", k.sizes());
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "fastgpt native attention: q's heads (", q.size(1),
               ") must be a multiple of k's kv_heads (", k.size(1), ")");
-  TORCH_CHECK(q.size(3) <= kMaxHeadDim, "fastgpt native attention: head_dim must be at most ", kMaxHeadDim, ", got ",
-              q.size(3));
+  TORCH_CHECK(q.size(3) <= kAttentionMaxHeadDim, "fastgpt native attention: head_dim must be at most ",
+              kAttentionMaxHeadDim, ", got ", q.size(3));
 }
 
 // The forward with tiles of Elem: fp32, or bf16 for bf16 inputs where the CPU multiplies bf16.

@@ -12,7 +12,7 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu_simd.h"
+#include "simd.h"
 
 namespace fastgpt::cpu {
 

@@ -1,5 +1,5 @@
-// See cpu_gemm.h.
-#include "cpu_gemm.h"
+// See gemm.h.
+#include "gemm.h"
 
 #include <ATen/ATen.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>

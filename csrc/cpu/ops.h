@@ -1,13 +1,17 @@
 // CPU implementations of the native ops, registered for the CPU dispatch key in extension.cpp.
-// Schemas (and the contract they implement) are in extension.cpp and DESIGN.md.
+// Schemas are in extension.cpp; the contract they implement is in docs/architecture.md.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <optional>
 #include <tuple>
 
 namespace fastgpt::cpu {
+
+// The largest head_dim the attention kernels take (reported by build_info() as max_head_dim).
+constexpr int64_t kAttentionMaxHeadDim = 256;
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale);

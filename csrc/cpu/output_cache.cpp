@@ -27,7 +27,7 @@
 #include <sys/mman.h>
 #endif
 
-#include "alloc_output.h"
+#include "output_cache.h"
 
 namespace fastgpt {
 namespace {

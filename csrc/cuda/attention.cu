@@ -258,9 +258,13 @@ cudaError_t launch_forward_for_dim(const void* q, Strides4 q_strides, const void
 }  // namespace
 
 const char* attention_unsupported(int64_t head_dim, DType dtype) {
-  if (dtype == DType::kFloat32) return "the CUDA attention kernels take float16 or bfloat16 inputs, not float32";
-  if (head_dim != 32 && head_dim != 64 && head_dim != 96 && head_dim != 128)
-    return "the CUDA attention kernels support head_dim 32, 64, 96 and 128 only";
+  const auto listed = [](const auto& list, auto value) {
+    for (const auto& item : list)
+      if (item == value) return true;
+    return false;
+  };
+  if (!listed(kAttentionDTypes, dtype)) return "the CUDA attention kernels take float16 or bfloat16 inputs only";
+  if (!listed(kAttentionHeadDims, head_dim)) return "the CUDA attention kernels support head_dim 32, 64, 96 and 128 only";
   return nullptr;
 }
 

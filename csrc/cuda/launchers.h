@@ -11,11 +11,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include "limits.h"
+
 namespace fastgpt {
 namespace cuda {
-
-// The element types the kernels read and write; float32 statistics are always plain float*.
-enum class DType { kFloat32, kFloat16, kBFloat16 };
 
 // Multiprocessors of the current device: sizes grids (never affects results).
 inline int multiprocessor_count() {
@@ -30,10 +29,6 @@ inline int multiprocessor_count() {
 // Rows are the leading dimensions flattened; row r of a tensor starts at ptr + r * row_stride and
 // its n elements are contiguous (the binding makes a contiguous copy when the last stride is not 1
 // or the leading dimensions do not flatten to one stride).
-
-// The largest hidden size the add+LayerNorm kernels accept (each thread keeps its columns in
-// registers); larger rows are reported as unsupported by the Python side.
-constexpr int64_t kAddLayerNormMaxHidden = 16384;
 
 // h = x + residual; y = (h - mean) * rstd * weight + bias (RMS: mean = 0, no bias).
 cudaError_t add_layer_norm_forward(
