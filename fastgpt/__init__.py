@@ -2,7 +2,8 @@
 and C++/CUDA, each checked against a plain-PyTorch reference, and a GPT that uses them."""
 
 from fastgpt import ops
-from fastgpt.ops import BackendError, backends
+from fastgpt.ops import BackendError, backends, use_backend
+from fastgpt.registry import Backend, register_backend
 
 __version__ = "0.1.0"
-__all__ = ["ops", "backends", "BackendError", "__version__"]
+__all__ = ["ops", "backends", "use_backend", "Backend", "register_backend", "BackendError", "__version__"]

@@ -102,13 +102,10 @@ def load_checkpoint(path):
     }
 
 
-def load_model(path, device="cpu", backend=None):
-    """A GPT rebuilt from a checkpoint (in eval mode), and the loaded checkpoint dict."""
+def load_model(path, device="cpu", backend="auto"):
+    """A GPT rebuilt from a checkpoint (in eval mode, running on ``backend``), and the loaded checkpoint dict."""
     ckpt = load_checkpoint(path)
-    config = ckpt["config"]
-    if backend is not None:
-        config.backend = backend
-    model = GPT(config)
+    model = GPT(ckpt["config"], backend=backend)
     restore_model(model, ckpt["model_state"], path)
     return model.to(device).eval(), ckpt
 

@@ -14,7 +14,7 @@ import torch
 
 from fastgpt.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, load_model
 from fastgpt.data import ByteDataset, DataError, decode, encode, read_text_file, stdlib_corpus
-from fastgpt.nn import MODEL_BACKENDS
+from fastgpt import registry
 from fastgpt.train import PRESETS, Trainer, TrainConfig, build_config
 
 # model flags: (flag, GPTConfig field, type, help)
@@ -64,7 +64,7 @@ def add_train_arguments(p):
     p.add_argument("--lr", type=float, default=TrainConfig.learning_rate, help="peak learning rate")
     p.add_argument("--eval-interval", type=int, default=TrainConfig.eval_interval)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--backend", choices=MODEL_BACKENDS, default="auto", help="kernel backend (default: auto)")
+    p.add_argument("--backend", choices=registry.choices(), default="auto", help="kernel backend (default: auto)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end (0: none)")
@@ -86,7 +86,6 @@ def _resumed_config(args, ckpt_config):
     conflicts = [f"{k}={v!r} (checkpoint has {stored[k]!r})" for k, v in requested.items() if stored[k] != v]
     if conflicts:
         raise UsageError(f"--resume: the checkpoint's model config does not match: {', '.join(conflicts)}")
-    ckpt_config.backend = args.backend
     return ckpt_config
 
 
@@ -103,7 +102,7 @@ def run_train(args):
         config = _resumed_config(args, checkpoint["config"])
     else:
         try:
-            config = build_config(args.preset or "small", backend=args.backend, **_model_overrides(args))
+            config = build_config(args.preset or "small", **_model_overrides(args))
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
     cfg = TrainConfig(
@@ -117,10 +116,10 @@ def run_train(args):
     dataset = ByteDataset(text, config.context_length)
     source = args.data or "the Python standard library's sources"
     print(f"data: {source}: {len(dataset.train):,} training bytes, {len(dataset.held_out):,} held out")
-    trainer = Trainer(config, cfg, dataset, device, checkpoint)
+    trainer = Trainer(config, cfg, dataset, device, checkpoint, backend=args.backend)
     print(
         f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {config.n_layers} layers, d_model "
-        f"{config.d_model}, {config.norm_position}-norm, backend {config.backend} on {device}"
+        f"{config.d_model}, {config.norm_position}-norm, backend {args.backend} on {device}"
     )
     if args.resume:
         print(f"resuming from step {trainer.step} of {cfg.max_steps}")
@@ -150,7 +149,7 @@ def add_sample_arguments(p):
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--backend", choices=MODEL_BACKENDS, default=None, help="override the checkpoint's backend")
+    p.add_argument("--backend", choices=registry.choices(), default="auto", help="kernel backend (default: auto)")
 
 
 def run_sample(args):

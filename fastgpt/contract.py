@@ -4,6 +4,15 @@ that ``docs/architecture.md`` describes. Backends import from here, never from e
 import torch
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32,) + HALF_DTYPES  # what the fast backends take; float64 is the reference's
+
+
+def dtype_unsupported(*named_tensors):
+    """None when every ``(name, tensor)`` (tensor may be None) has a kernel dtype, else why not."""
+    for name, t in named_tensors:
+        if t is not None and t.dtype not in KERNEL_DTYPES:
+            return f"{name} dtype {t.dtype} is not float32, float16 or bfloat16"
+    return None
 
 
 def residual_stream_dtype(x_dtype, residual_in_fp32):

@@ -1,8 +1,10 @@
 """The GPT: token embedding + positional encoding, decoder blocks, a linear layer to logits.
 
 Attention and residual + LayerNorm go through ``fastgpt.ops``, so every backend slots in here
-without touching the model. ``backend="torch"`` uses plain ``F.scaled_dot_product_attention`` and
-``F.layer_norm`` instead — the baseline the benchmarks compare against.
+without touching the model. The backend is chosen when the model is built or run
+(``GPT(config, backend=...)``, ``model.set_backend(...)``, ``fastgpt.use_backend(...)`` or
+``FASTGPT_BACKEND``), not stored in its config: ``backend="torch"`` runs torch's own kernels,
+the baseline the benchmarks compare against.
 """
 
 import math
@@ -14,9 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastgpt import ops
-
-MODEL_BACKENDS = ("auto", "triton", "native", "reference", "torch")
-
 
 @dataclass
 class GPTConfig:
@@ -32,7 +31,6 @@ class GPTConfig:
     pos_encoding: str = "sinusoidal"  # or "learned"
     activation: str = "relu"  # or "gelu"
     tie_weights: bool = False  # share the token embedding with the output layer
-    backend: str = "auto"  # fastgpt backend for attention and add+LayerNorm, or "torch"
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -54,7 +52,6 @@ class GPTConfig:
             ("norm_position", ("post", "pre")),
             ("pos_encoding", ("sinusoidal", "learned")),
             ("activation", ("relu", "gelu")),
-            ("backend", MODEL_BACKENDS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -68,11 +65,17 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, values):
+        # checkpoints written before the backend left the config carry a "backend" field: the
+        # backend is a run-time choice now, so it is ignored
+        values = {name: value for name, value in values.items() if name not in _RETIRED_FIELDS}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown GPTConfig fields: {', '.join(unknown)}")
         return cls(**values)
+
+
+_RETIRED_FIELDS = ("backend",)
 
 
 class KVCache:
@@ -93,10 +96,10 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer_index=0):
+    def __init__(self, config, layer_index=0, backend="auto"):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.backend = config.backend
+        self.backend = backend
         self.layer_index = layer_index
         self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
         self.proj = nn.Linear(config.d_model, config.d_model)
@@ -108,21 +111,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_index, k, v)
-        if self.backend == "torch":
-            o = _torch_attention(q, k, v)
-        else:
-            o = ops.attention(q, k, v, causal=True, backend=self.backend)
+        o = ops.attention(q, k, v, causal=True, backend=self.backend)
         return self.proj(o.transpose(1, 2).reshape(b, t, -1))
-
-
-def _torch_attention(q, k, v):
-    """The baseline: torch SDPA (top-left causal mask, so an explicit mask when decoding with a cache)."""
-    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
-    seq_q, seq_k = q.shape[2], k.shape[2]
-    if seq_q == seq_k:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
-    mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).tril(seq_k - seq_q)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
 
 
 class AddLayerNorm(nn.Module):
@@ -135,9 +125,6 @@ class AddLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None
 
     def forward(self, x, residual):
-        if self.backend == "torch":
-            h = x + residual
-            return F.layer_norm(h, h.shape[-1:], self.weight, self.bias, self.eps), h
         return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, backend=self.backend)
 
 
@@ -156,13 +143,13 @@ class Block(nn.Module):
     """A decoder block. Post-norm: ``x = LN(x + attn(x)); x = LN(x + ffn(x))``. Pre-norm carries the
     residual stream ``h`` beside the sublayer output and folds each addition into the next norm."""
 
-    def __init__(self, config, layer_index=0):
+    def __init__(self, config, layer_index=0, backend="auto"):
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
-        self.attn = CausalSelfAttention(config, layer_index)
+        self.attn = CausalSelfAttention(config, layer_index, backend)
         self.mlp = MLP(config)
-        self.norm1 = AddLayerNorm(config.d_model, backend=config.backend)
-        self.norm2 = AddLayerNorm(config.d_model, backend=config.backend)
+        self.norm1 = AddLayerNorm(config.d_model, backend=backend)
+        self.norm2 = AddLayerNorm(config.d_model, backend=backend)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, residual=None, kv_cache=None):
@@ -186,8 +173,12 @@ def sinusoidal_encoding(length, d_model):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    """The textbook GPT. ``backend`` picks the kernels of attention and add+LayerNorm
+    (``"auto"``, or a name from ``fastgpt.backends()``); ``set_backend`` changes it later."""
+
+    def __init__(self, config, backend="auto"):
         super().__init__()
+        ops.check_backend_name(backend)
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         if config.pos_encoding == "learned":
@@ -197,9 +188,9 @@ class GPT(nn.Module):
                 "position_encoding", sinusoidal_encoding(config.context_length, config.d_model), persistent=False
             )
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, i, backend) for i in range(config.n_layers))
         # pre-norm ends with a norm of the stream; post-norm blocks already end normalized
-        self.final_norm = AddLayerNorm(config.d_model, backend=config.backend) if config.norm_position == "pre" else None
+        self.final_norm = AddLayerNorm(config.d_model, backend=backend) if config.norm_position == "pre" else None
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: keep the residual stream's variance in check
@@ -207,6 +198,18 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layers))
         if config.tie_weights:
             self.lm_head.weight = self.token_embedding.weight
+
+    @property
+    def backend(self):
+        return self.blocks[0].attn.backend
+
+    def set_backend(self, backend):
+        """Run attention and add+LayerNorm on ``backend`` from now on; returns the model."""
+        ops.check_backend_name(backend)
+        for module in self.modules():
+            if isinstance(module, (CausalSelfAttention, AddLayerNorm)):
+                module.backend = backend
+        return self
 
     @staticmethod
     def _init_weights(module):

@@ -5,23 +5,15 @@ one opaque node per call and ``torch.library.opcheck`` can check its schema, fak
 and autograd registrations. Backend resolution happens inside the op, at run time, so that
 ``backend="auto"`` and ``FASTGPT_BACKEND`` never break a compiled graph.
 
-A backend is a module with the functions named in ``DESIGN.md``::
-
-    attention_forward(q, k, v, causal, scale)                       -> (o, lse)
-    attention_backward(do, q, k, v, o, lse, causal, scale)          -> (dq, dk, dv)
-    attention_unsupported(q, k, v)                                  -> None or a reason
-    add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32)
-                                                                    -> (y, h, mean, rstd)
-    add_layer_norm_backward(dy, dh, h, weight, bias, mean, rstd, is_rms_norm)
-                                                                    -> (dx, dweight, dbias)
-    add_layer_norm_unsupported(x, residual, weight, bias)           -> None or a reason
+Backends, what each implements and where ``auto`` may use them are listed in ``fastgpt.registry``;
+the contract every backend keeps is in ``docs/architecture.md``.
 """
 
-import functools
-import importlib
+import contextlib
 import math
 import os
 import sys
+import threading
 import warnings
 from typing import Optional, Tuple
 
@@ -29,71 +21,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastgpt import registry
 from fastgpt.contract import residual_stream_dtype
-
-BACKEND_NAMES = ("triton", "native", "reference")
-_CHOICES = ("auto",) + BACKEND_NAMES
-
-# where each op's implementation lives, per backend
-_IMPLEMENTATIONS = {
-    "attention": {
-        "triton": "fastgpt.kernels.attention",
-        "native": "fastgpt.native",
-        "reference": "fastgpt.reference",
-    },
-    "add_layer_norm": {
-        "triton": "fastgpt.kernels.add_layer_norm",
-        "native": "fastgpt.native",
-        "reference": "fastgpt.reference",
-    },
-}
-
-# the order `auto` tries backends in, by device type; the reference is always last
-_AUTO_ORDER = {"cuda": ("triton", "native"), "cpu": ("native",)}
 
 
 class BackendError(RuntimeError):
     """A backend was named explicitly but cannot run these inputs (or is not installed)."""
 
 
-def _backend_availability(name):
-    """(available, reason) for one backend, without touching any tensor."""
-    if name == "reference":
-        return True, "plain PyTorch, runs anywhere"
-    if name == "native":
-        from fastgpt import native
-
-        return native.available()
-    try:
-        from fastgpt import kernels
-    except ImportError as exc:  # an install without the fastgpt.kernels mapping (e.g. a failed build)
-        return False, f"fastgpt.kernels is not installed ({exc})"
-    return kernels.available()
-
-
 def backends():
-    """``{name: {"available": bool, "reason": str}}`` for every backend."""
+    """``{name: {"available": bool, "reason": str}}`` for every registered backend."""
     report = {}
-    for name in BACKEND_NAMES:
-        ok, reason = _backend_availability(name)
+    for name in registry.names():
+        ok, reason = registry.get(name).availability()
         report[name] = {"available": ok, "reason": reason}
     return report
 
 
-@functools.cache
-def _implementation(op, name):
-    return importlib.import_module(_IMPLEMENTATIONS[op][name])
-
-
 def _unsupported_reason(op, name, args):
     """None when backend ``name`` can run ``op`` on ``args``, else why not."""
-    ok, reason = _backend_availability(name)
+    backend = registry.get(name)
+    ok, reason = backend.availability()
     if not ok:
         return reason
+    if op not in backend.modules:
+        return f"the {name} backend does not implement {op}"
     try:
-        impl = _implementation(op, name)
+        impl = backend.module(op)
     except ImportError as exc:
-        return f"cannot import {_IMPLEMENTATIONS[op][name]}: {exc}"
+        return f"cannot import {backend.modules[op]}: {exc}"
     return getattr(impl, f"{op}_unsupported")(*args)
 
 
@@ -121,31 +77,67 @@ def _stacklevel_outside_library():
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
+def _environment_backend():
+    name = os.environ.get("FASTGPT_BACKEND", "auto") or "auto"
+    if name not in registry.choices():
+        raise ValueError(f"FASTGPT_BACKEND must be one of {registry.choices()}, got {name!r}")
+    return name
+
+
 def _resolve(op, backend, args):
     """The implementation module that runs ``op``: the named backend, or ``auto``'s choice."""
     if backend == "auto":
-        backend = os.environ.get("FASTGPT_BACKEND", "auto") or "auto"
-        if backend not in _CHOICES:
-            raise ValueError(f"FASTGPT_BACKEND must be one of {_CHOICES}, got {backend!r}")
+        backend = _environment_backend()
     if backend != "auto":
         reason = _unsupported_reason(op, backend, args)
         if reason is not None:
             raise BackendError(f"fastgpt.ops.{op}: backend {backend!r} cannot run these inputs: {reason}")
-        return _implementation(op, backend)
+        return registry.get(backend).module(op)
     reasons = []
-    for name in _AUTO_ORDER.get(args[0].device.type, ()):
-        reason = _unsupported_reason(op, name, args)
+    for candidate in registry.auto_candidates(args[0].device.type):
+        reason = _unsupported_reason(op, candidate.name, args)
         if reason is None:
-            return _implementation(op, name)
-        reasons.append(f"{name}: {reason}")
+            return candidate.module(op)
+        reasons.append(f"{candidate.name}: {reason}")
     if reasons:
-        _warn_once(f"fastgpt.ops.{op} falls back to the reference backend ({'; '.join(reasons)})")
-    return _implementation(op, "reference")
+        _warn_once(f"fastgpt.ops.{op} falls back to the {registry.FALLBACK} backend ({'; '.join(reasons)})")
+    return registry.get(registry.FALLBACK).module(op)
 
 
-def _check_backend_name(backend):
-    if not isinstance(backend, str) or backend not in _CHOICES:
-        raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
+# a process-wide choice (not per thread): autograd may run a backward on another thread, and it
+# must run the backend that ran the forward
+_backend_override = None
+_override_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run every op called with ``backend="auto"`` (the default) on backend ``name`` inside the block.
+
+    An explicit ``backend=`` argument still wins; ``use_backend`` wins over ``FASTGPT_BACKEND``.
+    The choice is process-wide and restored on exit; nested blocks work.
+    """
+    global _backend_override
+    check_backend_name(name)
+    with _override_lock:
+        previous, _backend_override = _backend_override, name
+    try:
+        yield
+    finally:
+        with _override_lock:
+            _backend_override = previous
+
+
+def _requested_backend(backend):
+    """``backend`` as the op receives it: ``auto`` becomes the ``use_backend`` choice when there is one."""
+    check_backend_name(backend)
+    return _backend_override if backend == "auto" and _backend_override is not None else backend
+
+
+def check_backend_name(backend, argument="backend"):
+    """Raise ``ValueError`` unless ``backend`` is ``"auto"`` or a registered backend's name."""
+    if not isinstance(backend, str) or backend not in registry.choices():
+        raise ValueError(f"{argument} must be one of {registry.choices()}, got {backend!r}")
 
 
 def _check_tensor(name, t, ndim=None):
@@ -217,7 +209,7 @@ def attention(q, k, v, *, causal=True, scale=None, backend="auto"):
     (a row that sees no key outputs zeros). ``scale`` defaults to ``1/sqrt(head_dim)``.
     Returns the output, shaped like ``q`` and contiguous.
     """
-    _check_backend_name(backend)
+    backend = _requested_backend(backend)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, ndim=4)
     _check_same("k", k, "q", q)
@@ -356,7 +348,7 @@ _add_layer_norm_op.register_autograd(_add_layer_norm_autograd, setup_context=_ad
 
 
 def _add_norm(op_name, x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, backend):
-    _check_backend_name(backend)
+    backend = _requested_backend(backend)
     _check_tensor("x", x)
     _check_tensor("residual", residual)
     if x.dim() < 1 or x.shape[-1] < 1 or x.numel() == 0:

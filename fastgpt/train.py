@@ -57,10 +57,10 @@ def held_out_loss(model, dataset, cfg, device):
 class Trainer:
     """Owns the model, optimizer and random state of one run, so it can be checkpointed and resumed."""
 
-    def __init__(self, model_config, cfg, dataset, device, checkpoint=None):
+    def __init__(self, model_config, cfg, dataset, device, checkpoint=None, backend="auto"):
         self.cfg, self.dataset, self.device = cfg, dataset, device
         torch.manual_seed(cfg.seed)
-        self.model = GPT(model_config).to(device)
+        self.model = GPT(model_config, backend=backend).to(device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
         )

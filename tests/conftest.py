@@ -1,4 +1,5 @@
-"""Shared test set-up: Triton's CPU interpreter when there is no GPU, devices, poisoned outputs."""
+"""Shared test set-up: Triton's CPU interpreter when there is no GPU, a wrapper backend registered
+beside the built-in ones (so every shared suite runs on it too), devices, poisoned outputs."""
 
 import os
 
@@ -10,8 +11,20 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import wrapper_backend  # noqa: E402
+
 import fastgpt  # noqa: E402
-from fastgpt import ops  # noqa: E402
+from fastgpt import ops, registry  # noqa: E402
+
+registry.register_backend(
+    registry.Backend(
+        wrapper_backend.NAME,
+        {"attention": "wrapper_backend", "add_layer_norm": "wrapper_backend"},
+        lambda: (True, "the tests' wrapper around the reference"),
+    ),
+    replace=True,
+)
+BACKENDS = list(registry.names())  # what the shared suites run on: every registered backend
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOLERANCE = {  # relative error against float64 that an implementation with fp32 accumulation meets

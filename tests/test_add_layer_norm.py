@@ -5,12 +5,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, skip_unless_runs, skip_unless_supports
+from conftest import BACKENDS, assert_close, skip_unless_runs, skip_unless_supports
 
 import fastgpt
 from fastgpt import ops
-
-BACKENDS = ["reference", "native", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1), (3, 17), (5, 768), (2, 3, 1000), (64, 4096)]
 

@@ -6,12 +6,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, skip_unless_runs, skip_unless_supports
+from conftest import BACKENDS, assert_close, skip_unless_runs, skip_unless_supports
 
 import fastgpt
-from fastgpt import ops
+from fastgpt import ops, registry
 
-BACKENDS = ["reference", "native", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # (batch, heads, kv_heads, seq_q, seq_k, head_dim, causal): odd sizes, GQA/MQA, decode, sq > sk
@@ -110,7 +109,7 @@ def test_autograd_through_public_op(backend, device):
         assert_close(name, t.grad, t64.grad, torch.float32, factor=2.0)
 
 
-@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != registry.FALLBACK])
 def test_backward_accepts_reference_forward(backend, device):
     """The shared contract: any backend's backward runs on any backend's (o, lse)."""
     skip_unless_runs(backend, device)

@@ -7,7 +7,7 @@ import torch
 
 from fastgpt.nn import GPT, GPTConfig, KVCache, sample_next_token
 
-TINY = dict(vocab_size=256, context_length=32, n_layers=2, n_heads=4, d_model=32, backend="reference")
+TINY = dict(vocab_size=256, context_length=32, n_layers=2, n_heads=4, d_model=32)
 VARIANTS = [
     {},
     {"norm_position": "pre"},
@@ -17,9 +17,9 @@ VARIANTS = [
 ]
 
 
-def tiny_model(**overrides):
+def tiny_model(backend="reference", **overrides):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+    return GPT(GPTConfig(**{**TINY, **overrides}), backend=backend).eval()
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v}" for k, v in v.items()) or "default")
@@ -93,7 +93,6 @@ def test_top_k_only_samples_the_best():
         ({"d_model": 30}, "divisible by n_heads"),
         ({"n_kv_heads": 3}, "multiple of n_kv_heads"),
         ({"norm_position": "middle"}, "norm_position"),
-        ({"backend": "cuda"}, "backend"),
         ({"n_layers": 0}, "n_layers must be a positive integer"),
         ({"dropout": 1.0}, "dropout"),
     ],
@@ -101,6 +100,42 @@ def test_top_k_only_samples_the_best():
 def test_bad_config_raises(bad, match):
     with pytest.raises(ValueError, match=match):
         GPTConfig(**{**TINY, **bad})
+
+
+def test_bad_backend_raises():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GPT(GPTConfig(**TINY), backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tiny_model().set_backend("cuda")
+
+
+def test_backend_is_chosen_at_run_time_not_stored():
+    model = tiny_model(backend="torch")
+    assert model.backend == "torch" and "backend" not in model.config.to_dict()
+    assert model.set_backend("reference") is model and model.backend == "reference"
+    old_checkpoint_config = {**model.config.to_dict(), "backend": "native"}  # written before the field left
+    assert GPTConfig.from_dict(old_checkpoint_config) == model.config
+
+
+def test_use_backend_picks_the_backend_of_auto(monkeypatch):
+    import fastgpt
+    from fastgpt import ops
+
+    model = tiny_model(backend="auto")
+    picked = []
+    real_resolve = ops._resolve
+    monkeypatch.setattr(ops, "_resolve", lambda op, backend, args: picked.append(backend) or real_resolve(op, backend, args))
+    idx = torch.randint(0, 256, (1, 5))
+    with fastgpt.use_backend("reference"):
+        with fastgpt.use_backend("torch"):
+            model(idx)
+        assert set(picked) == {"torch"}
+        picked.clear()
+        model(idx)
+    assert set(picked) == {"reference"}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with fastgpt.use_backend("nonsense"):
+            pass
 
 
 def test_too_long_input_raises():

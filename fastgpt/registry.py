@@ -1,0 +1,151 @@
+"""The one list of backends: each backend's name, the module that implements each op, whether it
+can run here, and on which devices ``auto`` may pick it.
+
+``fastgpt.ops`` dispatches through this list, and the model, the CLI, ``fastgpt bench`` and the
+tests read their backend names from it. Adding a backend is one module that implements the
+contract of ``docs/architecture.md`` plus one ``register_backend`` call.
+"""
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Tuple
+
+OPS = ("attention", "add_layer_norm")
+FALLBACK = "reference"  # runs every valid input on every device: what `auto` falls back to
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend of fastgpt's ops.
+
+    ``modules`` maps each op to the module that implements its contract functions
+    (``<op>_forward``, ``<op>_backward``, ``<op>_unsupported``). ``availability`` returns
+    ``(available, reason)`` without touching a tensor; it is asked on every op call, so it must be
+    cheap (cache it). ``auto_devices`` lists the device types where ``auto`` may pick this
+    backend, which it tries in registration order before the fallback.
+    """
+
+    name: str
+    modules: Mapping[str, str]
+    availability: Callable[[], Tuple[bool, str]]
+    auto_devices: Tuple[str, ...] = ()
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.isidentifier() or self.name == "auto":
+            raise ValueError(f"Backend.name must be an identifier other than 'auto', got {self.name!r}")
+        unknown = sorted(set(self.modules) - set(OPS))
+        if unknown or not self.modules:
+            raise ValueError(f"Backend.modules must map some of {OPS} to module names, got {dict(self.modules)!r}")
+
+    def module(self, op):
+        """The module implementing ``op`` (imported on first use); KeyError if this backend lacks ``op``."""
+        return _import(self.modules[op])
+
+
+@functools.cache  # asked on every op call; import_module's own lookup costs microseconds
+def _import(module_name):
+    return importlib.import_module(module_name)
+
+
+_BACKENDS = {}
+
+
+def register_backend(backend, *, replace=False):
+    """Add ``backend`` to the registry (after the ones already there). Returns it."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a fastgpt.registry.Backend, got {type(backend).__name__}")
+    if backend.name in _BACKENDS and not replace:
+        raise ValueError(f"a backend named {backend.name!r} is already registered (pass replace=True)")
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def unregister_backend(name):
+    """Remove a registered backend; the fallback cannot be removed."""
+    if name == FALLBACK:
+        raise ValueError(f"the {FALLBACK!r} backend is the fallback and cannot be unregistered")
+    if name not in _BACKENDS:
+        raise KeyError(f"no backend named {name!r} is registered (registered: {', '.join(_BACKENDS)})")
+    del _BACKENDS[name]
+
+
+def names():
+    """Every registered backend's name, in registration order."""
+    return tuple(_BACKENDS)
+
+
+def choices():
+    """What a ``backend=`` argument accepts: ``"auto"`` and every registered name."""
+    return ("auto",) + names()
+
+
+def get(name):
+    """The registered ``Backend`` called ``name``."""
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"backend must be one of {choices()}, got {name!r}") from None
+
+
+def auto_candidates(device_type):
+    """The backends ``auto`` tries on ``device_type``, in order (the fallback comes after them)."""
+    return tuple(b for b in _BACKENDS.values() if device_type in b.auto_devices)
+
+
+# ----------------------------------------------------------------------------- the built-in backends
+
+
+def _always(reason):
+    return lambda: (True, reason)
+
+
+def _triton_availability():
+    try:
+        from fastgpt import kernels
+    except ImportError as exc:  # an install without the fastgpt.kernels mapping (e.g. a failed build)
+        return False, f"fastgpt.kernels is not installed ({exc})"
+    return kernels.available()
+
+
+def _native_availability():
+    from fastgpt import native
+
+    return native.available()
+
+
+register_backend(
+    Backend(
+        "triton",
+        {"attention": "fastgpt.kernels.attention", "add_layer_norm": "fastgpt.kernels.add_layer_norm"},
+        _triton_availability,
+        auto_devices=("cuda",),
+        description="Triton kernels (kernels/): CUDA GPUs, or the CPU through TRITON_INTERPRET=1",
+    )
+)
+register_backend(
+    Backend(
+        "native",
+        {"attention": "fastgpt.native", "add_layer_norm": "fastgpt.native"},
+        _native_availability,
+        auto_devices=("cuda", "cpu"),
+        description="the C++/CUDA extension fastgpt._C (csrc/)",
+    )
+)
+register_backend(
+    Backend(
+        "torch",
+        {"attention": "fastgpt.torch_kernels", "add_layer_norm": "fastgpt.torch_kernels"},
+        _always("torch's own kernels (scaled_dot_product_attention, layer_norm, rms_norm)"),
+        description="torch's own kernels behind fastgpt's contract: the baseline fastgpt is measured against",
+    )
+)
+register_backend(
+    Backend(
+        FALLBACK,
+        {"attention": "fastgpt.reference", "add_layer_norm": "fastgpt.reference"},
+        _always("plain PyTorch, runs anywhere"),
+        description="the textbook formulas in plain PyTorch: the oracle and the fallback",
+    )
+)

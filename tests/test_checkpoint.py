@@ -1,0 +1,60 @@
+"""Checkpoints: round trips, atomic writes, clear errors for damaged files."""
+
+import os
+
+import pytest
+import torch
+from tiny_training import tiny_trainer
+
+from fastgpt import checkpoint as checkpoint_module
+from fastgpt.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from fastgpt.nn import GPT, GPTConfig
+
+
+def test_checkpoint_round_trip(tmp_path):
+    trainer = tiny_trainer()
+    trainer.train_step()
+    path = str(tmp_path / "ckpt.safetensors")
+    trainer.save(path)
+    model, ckpt = load_model(path, backend="reference")
+    assert ckpt["progress"]["step"] == 1
+    for name, t in trainer.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], t), name
+    idx = torch.randint(0, 256, (2, 16))
+    assert torch.equal(model(idx)[0], trainer.model.eval()(idx)[0])
+
+
+def test_tied_weights_round_trip(tmp_path):
+    model = GPT(GPTConfig(context_length=8, n_layers=1, n_heads=2, d_model=16, tie_weights=True), backend="reference")
+    save_checkpoint(str(tmp_path / "c.safetensors"), model)
+    loaded, _ = load_model(str(tmp_path / "c.safetensors"))
+    assert loaded.lm_head.weight is loaded.token_embedding.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_interrupted_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = tiny_trainer()
+    path = str(tmp_path / "ckpt.safetensors")
+    trainer.save(path)
+    good = open(path, "rb").read()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", crash)
+    trainer.train_step()
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save(path)
+    assert open(path, "rb").read() == good
+    assert os.listdir(tmp_path) == ["ckpt.safetensors"]  # no temporary file left behind
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    path.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(str(path))
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(str(tmp_path / "missing.safetensors"))
