@@ -24,22 +24,17 @@ def time_case(benchmark):
     time one call per round, cycling through input sets that outgrow the last-level cache."""
 
     def run(case, impl):
-        reason = bench._skip_reason(impl, case, SETTINGS)
+        reason = bench.skip_reason(impl, case, SETTINGS)
         if reason:
             pytest.skip(reason)
-        first = case.make_inputs()
-        n_sets = bench.input_set_count(sum(t.numel() * t.element_size() for t in first), SETTINGS)
-        input_sets = [first] + [case.make_inputs() for _ in range(n_sets - 1)]
-        if case.pass_ == "fwd+bwd":
-            for inputs in input_sets:
-                for t in inputs[:-1]:
-                    t.requires_grad_(True)
-        step = bench._step_for(impl, case, input_sets)
+        input_sets = bench.make_input_sets(case, SETTINGS)
+        n_sets = len(input_sets)
+        step = bench.step_for(impl, case, input_sets)
         try:
             for i in range(max(SETTINGS.warmup, n_sets)):
                 step(i % n_sets)
         except Exception as exc:  # an SDPA backend that refuses the CPU, a backend that is missing
-            pytest.skip(f"{impl.name} cannot run this case: {type(exc).__name__}: {bench._first_line(exc)}")
+            pytest.skip(f"{impl.name} cannot run this case: {type(exc).__name__}: {bench.first_line(exc)}")
         benchmark.group = f"{case.op} {case_id(case)}"
         benchmark.extra_info.update(
             implementation=impl.name, flops=case.flops, bytes=case.bytes, shape=case.shape, input_sets=n_sets

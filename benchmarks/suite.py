@@ -12,7 +12,7 @@ SETTINGS = bench.Settings(
     max_reps=200,
     warmup=2,
     compile_skip_reason=None,
-    rotate_bytes=4 * bench._last_level_cache_bytes("cpu"),
+    rotate_bytes=4 * bench.last_level_cache_bytes("cpu"),
 )
 
 # the CPU reference points: attention (4, 8, 1024, 64) causal fp32, add+LayerNorm (8192, 1024) fp32

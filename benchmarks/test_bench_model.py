@@ -18,17 +18,16 @@ def config_id(config):
     return f"L{cfg['n_layers']}-d{cfg['d_model']}-ctx{cfg['context_length']}-b{batch}"
 
 
-@pytest.mark.parametrize("impl", IMPLS, ids=[i[0] for i in IMPLS])
+@pytest.mark.parametrize("impl", IMPLS, ids=[i.name for i in IMPLS])
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_train_step(benchmark, config, impl):
     pytest.importorskip("fastgpt.nn")
     cfg_kwargs, batch = config
-    name, _, backend, compiled = impl
-    step = bench.make_train_step(cfg_kwargs, batch, backend, compiled, "cpu", torch.float32)
+    step = bench.make_train_step(cfg_kwargs, batch, impl.backend, impl.compiled, "cpu", torch.float32)
     for i in range(SETTINGS.warmup):  # compiling, if any, stays out of the timing
         step(i)
     tokens = batch * cfg_kwargs["context_length"]
     benchmark.group = f"model train_step L{cfg_kwargs['n_layers']} d{cfg_kwargs['d_model']} tokens={tokens}"
-    benchmark.extra_info.update(implementation=name, tokens=tokens)
+    benchmark.extra_info.update(implementation=impl.name, tokens=tokens)
     counter = itertools.count()
     benchmark(lambda: step(next(counter)))

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastgpt import bench, registry
 
@@ -127,8 +128,8 @@ def test_report_merges_runs(results, tmp_path, capsys):
 
 def _tiny_case():
     """A forward case whose inputs are two 4-element tensors: timing it measures the harness."""
-    return bench.Case("add_layer_norm", "fwd", {"rows": 1, "hidden": 4}, bench.torch.float32, None, 16,
-                      lambda: (bench.torch.zeros(4), bench.torch.zeros(4)))
+    return bench.Case("add_layer_norm", "fwd", {"rows": 1, "hidden": 4}, torch.float32, None, 16,
+                      lambda: (torch.zeros(4), torch.zeros(4)))
 
 
 def _six_reps_settings():

@@ -1,0 +1,178 @@
+"""``fastgpt bench`` on the command line: its options, the ops it can time, and a run from start to
+finish (ceilings, every op, ceilings again, ratios, JSON, plots, table)."""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+from fastgpt.bench import add_layer_norm, attention, model
+from fastgpt.bench.machine import best_ceilings, last_level_cache_bytes, machine_info, measure_ceilings
+from fastgpt.bench.plots import write_plots
+from fastgpt.bench.records import SCHEMA, add_ratios
+from fastgpt.bench.settings import DTYPE_NAMES, DTYPES, Settings
+from fastgpt.bench.tables import format_line, markdown_table
+
+DESCRIPTION = (
+    "Time fastgpt's ops and GPT against eager PyTorch, torch.compile and SDPA, and against this "
+    "machine's copy bandwidth and matmul rate, all measured in the same run."
+)
+
+# What `--op` can name, in the order `--op all` runs them (the model last: the slowest, and
+# fastgpt.nn may not be importable). Each is ``run(settings, emit)``: time the op, ``emit(record)``.
+OPS = {
+    "attention": attention.run,
+    "add_layer_norm": add_layer_norm.run,
+    "model": model.run,
+}
+
+
+def settings_for(device, sizes, no_compile=False, dtypes=None):
+    """The ``Settings`` of ``fastgpt bench`` on ``device`` with size set ``sizes``: quick and tiny
+    runs spend less time per measurement, and CPU quick runs leave torch.compile out."""
+    compile_skip_reason = None
+    if no_compile:
+        compile_skip_reason = "torch.compile baselines turned off (--no-compile)"
+    elif device == "cpu" and sizes != "full":
+        compile_skip_reason = "left out of CPU --quick runs, which take seconds: compiling takes longer"
+    return Settings(
+        device=device,
+        sizes=sizes,
+        budget_s={"tiny": 0.02, "quick": 0.1 if device == "cuda" else 0.3}.get(sizes, 1.0),
+        min_reps=5 if sizes == "full" or device == "cuda" else 3,
+        max_reps=1000 if device == "cuda" else 200,
+        warmup=3 if sizes == "full" or device == "cuda" else 1,
+        compile_skip_reason=compile_skip_reason,
+        # 4× the last-level cache; less for quick runs, where making the inputs would dominate
+        rotate_bytes=min(4 * last_level_cache_bytes(device), (256 << 20) if sizes != "full" else (2 << 30)),
+        dtypes=dtypes,
+    )
+
+
+def dtype_list(text):
+    """The dtypes of ``--dtype``: a comma-separated list of names in DTYPES."""
+    try:
+        return [DTYPES[name.strip()] for name in text.split(",") if name.strip()]
+    except KeyError as exc:
+        message = f"--dtype takes a comma-separated list of {sorted(DTYPES)}, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from exc
+
+
+def add_arguments(parser):
+    """The options of ``fastgpt bench``."""
+    parser.add_argument("--op", choices=tuple(OPS) + ("all",), default="all", help="what to time (default: all)")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu"
+    )
+    parser.add_argument(
+        "--dtype",
+        type=dtype_list,
+        default=None,
+        help="comma-separated fp32,bf16,fp16 (default: bf16, and fp32 for add_layer_norm, on cuda; fp32 on cpu)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a few points per sweep (CPU: seconds; GPU: 2-3 minutes)")
+    parser.add_argument(
+        "--sizes",
+        choices=("full", "quick", "tiny"),
+        default=None,
+        help="size set; tiny is a smoke test (overrides --quick)",
+    )
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baselines")
+    parser.add_argument(
+        "--out", default="benchmarks/results", help="folder for the JSON and the PNGs (default: benchmarks/results)"
+    )
+    parser.add_argument("--json-name", default="results.json", help="file name of the JSON inside --out")
+
+
+def run(args, argv=None):
+    """Run ``fastgpt bench`` with parsed ``args``; returns the exit status. ``argv``: the
+    command-line arguments to record in the JSON (default: ``sys.argv[1:]``)."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("fastgpt bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    sizes = args.sizes or ("quick" if args.quick else "full")
+    settings = settings_for(device, sizes, args.no_compile, args.dtype)
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    wanted = tuple(OPS) if args.op == "all" else (args.op,)
+    print(f"fastgpt bench: {', '.join(wanted)} on {device} ({sizes} sizes) -> {args.out}", flush=True)
+    ceilings = measure_ceilings(settings)
+    print(
+        f"ceilings: copy {ceilings['copy']['gbps']:.1f} GB/s, "
+        f"{ceilings['matmul']['dtype']} matmul {ceilings['matmul']['tflops']:.2f} TFLOP/s",
+        flush=True,
+    )
+    results = {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv if argv is None else ["fastgpt", "bench", *argv]),
+        "settings": {
+            "device": device,
+            "sizes": sizes,
+            "ops": list(wanted),
+            "dtypes": [DTYPE_NAMES[d] for d in args.dtype] if args.dtype else "default",
+            "compile": settings.compile_skip_reason is None,
+        },
+        "machine": machine_info(device),
+        "ceilings": ceilings,
+        "measurements": [],
+        "notes": settings.notes,
+        "plots": [],
+    }
+    json_path = os.path.join(args.out, args.json_name)
+    last_write = [0.0]
+
+    def write_json(force=False):
+        # every few seconds and at the end, so a run stopped by a timeout keeps what it measured
+        if force or time.perf_counter() - last_write[0] > 5:
+            add_ratios(results["measurements"], ceilings)
+            with open(json_path, "w") as f:
+                json.dump(results, f, indent=1)
+            last_write[0] = time.perf_counter()
+
+    def log(rec):
+        print(format_line(rec), flush=True)
+        results["measurements"].append(rec)
+        write_json()
+
+    for op, run_op in OPS.items():
+        if op in wanted:
+            run_op(settings, log)
+    print("measuring the ceilings again at the end of the run", flush=True)
+    results["ceilings_measured"] = [ceilings, measure_ceilings(settings)]
+    results["ceilings"] = ceilings = best_ceilings(*results["ceilings_measured"])
+    add_ratios(results["measurements"], ceilings)
+    pcts = [r.get(k, 0) for r in results["measurements"] for k in ("pct_of_matmul_ceiling", "pct_of_copy_ceiling")]
+    over = [p for p in pcts if p > 100]
+    if over:
+        settings.notes.append(
+            f"{len(over)} measurements exceed 100% of a ceiling: caches (small sizes) or a ceiling measured "
+            "while the machine was busy; read those percentages with care"
+        )
+    plots, notes = write_plots(results, args.out, os.path.splitext(args.json_name)[0])
+    results["plots"] = [os.path.basename(p) for p in plots]
+    results["notes"] += notes
+    write_json(force=True)
+    records = results["measurements"]
+    print()
+    print(markdown_table(results))
+    for note in results["notes"]:
+        print(f"note: {note}")
+    failed = [r for r in records if r.get("status") == "error"]
+    for rec in failed:
+        print(f"ERROR {rec['op']} {rec['implementation']} {rec.get('shape')}: {rec['reason']}")
+    print(f"wrote {json_path}" + "".join(f", {p}" for p in plots))
+    return 1 if failed else 0
+
+
+def main(argv=None):
+    """``fastgpt bench`` with the command-line arguments ``argv`` (default: ``sys.argv[1:]``)."""
+    parser = argparse.ArgumentParser(prog="fastgpt bench", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv), argv)
+
