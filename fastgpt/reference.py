@@ -31,10 +31,14 @@ def _probabilities(q, k, causal, scale):
     """softmax(Q Kᵀ · scale) with the causal mask, and its log-sum-exp; rows that see no key give 0 / -inf."""
     scores = q @ k.transpose(-2, -1) * scale
     if causal:
-        scores = scores.masked_fill(~_visible_keys(q.shape[-2], k.shape[-2], q.device), -math.inf)
+        visible = _visible_keys(q.shape[-2], k.shape[-2], q.device)
+        scores = scores.masked_fill(~visible, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # a row with every key masked has no probabilities
+    if causal:
+        # a row with every key masked has no probabilities (softmax gives 0/0 there); only those rows
+        # are zeroed, so a NaN or inf in the inputs propagates as in the formula (and in SDPA)
+        probs = probs.masked_fill(~visible.any(-1, keepdim=True), 0.0)
     return probs, lse
 
 
