@@ -58,7 +58,11 @@ def shell_command(recorded):
     """The command a reader types for a run's recorded ``sys.argv`` (``.../fastgpt/__main__.py bench``
     is ``python -m fastgpt bench``)."""
     program, _, rest = recorded.strip().partition(" ")
-    modules = {"fastgpt/__main__.py": "python -m fastgpt", "fastgpt/bench.py": "python -m fastgpt.bench"}
+    modules = {
+        "fastgpt/__main__.py": "python -m fastgpt",
+        "fastgpt/bench/__main__.py": "python -m fastgpt.bench",
+        "fastgpt/bench.py": "python -m fastgpt.bench",  # runs from before bench became a package
+    }
     for suffix, module in modules.items():
         if program.endswith(suffix):
             program = module

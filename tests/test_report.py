@@ -50,3 +50,4 @@ def test_an_unclosed_section_is_an_error(tmp_path):
 def test_recorded_commands_read_as_typed():
     assert report.shell_command("/repo/fastgpt/__main__.py bench --op model ") == "python -m fastgpt bench --op model"
     assert report.shell_command("fastgpt bench --quick") == "fastgpt bench --quick"
+    assert report.shell_command("/repo/fastgpt/bench/__main__.py --quick") == "python -m fastgpt.bench --quick"
