@@ -3,9 +3,10 @@
 Run as a script in a process of its own — ``python tests/triton_aot.py fastgpt.kernels.attention``
 — because kernels defined under ``TRITON_INTERPRET=1`` (as in the test suite) cannot be
 compiled. The kernel module lists what to compile in ``aot_compile_specs()``: dicts with
-``name, kernel, signature, constexprs, num_warps, num_stages``, one per configuration its
-autotuner can pick (optionally ``attrs``). The script prints a resource report and, last, one JSON line with a
-record per (spec, arch). ``run_aot(module)`` does that from a test and returns the records.
+``name, kernel, signature, constexprs, attrs, num_warps, num_stages``, one per configuration its
+launchers can pick, built by ``fastgpt.kernels.launch.aot_spec`` from the arguments a real launch
+passes. The script prints a resource report and, last, one JSON line with a record per
+(spec, arch). ``run_aot(module)`` does that from a test and returns the records.
 
 ``triton.compile`` with a ``GPUTarget`` runs the whole NVIDIA pipeline (TTIR → TTGIR → LLVM
 → PTX → cubin) on the CPU, so a kernel that only works in the interpreter fails here. The

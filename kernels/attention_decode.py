@@ -1,0 +1,200 @@
+"""The Triton attention forward for a few queries against a long key sequence, as when generating
+against a KV cache (flash-decoding): one program per (key split, batch, kv head) whose tile rows
+are every query of every head in the GQA group, so each K/V tile is read once per group; the keys
+are split so the programs fill the GPU, and a second kernel merges the splits by their
+log-sum-exp."""
+
+import collections
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+from .attention_configs import INTERPRETER_BLOCKS, head_dim_padded, shape_constexprs, strides
+from .attention_forward import LN2, LOG2E, forward_key_tiles, normalized_rows
+from .launch import KernelLaunch
+
+# At most this many queries, and queries × GQA group size rows, go to the decode kernel; keys are
+# split at most DECODE_MAX_SPLITS ways, and the merge handles DECODE_COMBINE_ROWS rows a program.
+DECODE_MAX_QUERIES = 4
+DECODE_MAX_ROWS = 64
+DECODE_MAX_SPLITS = 128
+DECODE_COMBINE_ROWS = 16
+DecodePlan = collections.namedtuple("DecodePlan", "block_m block_n num_stages splits keys_per_split")
+
+
+@triton.jit
+def attention_decode_kernel(
+    q_ptr,  # (batch, heads, seq_q, head_dim), any strides
+    k_ptr,  # (batch, kv_heads, seq_k, head_dim), any strides
+    v_ptr,  # (batch, kv_heads, seq_k, head_dim), any strides
+    out_ptr,  # FINAL: o (batch, heads, seq_q, head_dim); else fp32 (splits, batch·heads·seq_q, HEAD_DIM_PADDED)
+    lse_out_ptr,  # FINAL: lse (batch, heads, seq_q), natural log; else fp32 (splits, batch·heads·seq_q), log2 domain
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,  # of o when FINAL
+    heads, kv_heads, group_size, seq_q, seq_k, scale, keys_per_split, rows,  # rows = batch·heads·seq_q
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
+):
+    """A few queries against a long key sequence: one program per (key split, batch, kv head).
+    Its BLOCK_M rows are every query of every head in the GQA group, so each K/V tile is loaded
+    once for the whole group; the key splits fill the GPU when batch · kv_heads alone cannot."""
+    split = tl.program_id(0)
+    batch_kv_head = tl.program_id(1)
+    batch = (batch_kv_head // kv_heads).to(tl.int64)
+    kv_head = batch_kv_head % kv_heads
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PADDED
+
+    packed = tl.arange(0, BLOCK_M)  # row = head_in_group * seq_q + query
+    is_row = packed < group_size * seq_q
+    head = (kv_head * group_size + packed // seq_q).to(tl.int64)
+    query = packed % seq_q
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    q = tl.load(q_ptr + batch * stride_qb + head[:, None] * stride_qh + query[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=is_row[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_base = k_ptr + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + batch * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+    # this split's keys [start_n, end_n): [start_n, full_end) unmasked, the rest masked
+    causal_offset = seq_k - seq_q
+    start_n = split * keys_per_split
+    end_n = tl.minimum(start_n + keys_per_split, seq_k)
+    if CAUSAL:
+        end_n = tl.minimum(end_n, tl.maximum(seq_q + causal_offset, 0))
+        full_end = tl.maximum(causal_offset + 1, 0) // BLOCK_N * BLOCK_N  # keys every query sees
+    else:
+        full_end = seq_k // BLOCK_N * BLOCK_N
+    full_end = tl.minimum(tl.maximum(full_end, start_n), tl.maximum(end_n, start_n))
+
+    qk_scale = scale * LOG2E
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, row_max, row_sum = forward_key_tiles(
+        acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        query, offs_n, offs_d, seq_k, causal_offset, qk_scale, start_n, full_end,
+        HEAD_DIM, BLOCK_N, CAUSAL, False, PAD_D, DOT_PRECISION,
+    )
+    acc, row_max, row_sum = forward_key_tiles(
+        acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        query, offs_n, offs_d, seq_k, causal_offset, qk_scale, full_end, end_n,
+        HEAD_DIM, BLOCK_N, CAUSAL, True, PAD_D, DOT_PRECISION,
+    )
+
+    out, lse2 = normalized_rows(acc, row_max, row_sum)
+    flat_row = (batch * heads + head) * seq_q + query  # row of (batch, heads, seq_q) flattened
+    if FINAL:
+        tl.store(lse_out_ptr + flat_row, lse2 * LN2, mask=is_row)
+        o_ptrs = (out_ptr + batch * stride_ob + head[:, None] * stride_oh + query[:, None] * stride_om
+                  + offs_d[None, :] * stride_od)
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=is_row[:, None] & (offs_d[None, :] < HEAD_DIM))
+    else:
+        part_row = split * rows + flat_row
+        tl.store(lse_out_ptr + part_row, lse2, mask=is_row)
+        tl.store(out_ptr + part_row[:, None] * HEAD_DIM_PADDED + offs_d[None, :], out, mask=is_row[:, None])
+
+
+@triton.jit
+def attention_decode_combine_kernel(
+    part_o_ptr,  # fp32 (splits, rows, HEAD_DIM_PADDED): each split's normalized output
+    part_lse_ptr,  # fp32 (splits, rows): each split's log-sum-exp, log2 domain, -inf where it saw no key
+    o_ptr,  # (batch, heads, seq_q, head_dim) output
+    lse_ptr,  # (batch, heads, seq_q) fp32 output, contiguous
+    stride_ob, stride_oh, stride_om, stride_od,
+    heads, seq_q, rows, splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Merge the splits of each row by their log-sum-exp, one split at a time (an online softmax over splits)."""
+    flat_row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    is_row = flat_row < rows
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM_PADDED], dtype=tl.float32)
+    total_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    total_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for split in range(0, splits):
+        part_row = split * rows + flat_row
+        lse2 = tl.load(part_lse_ptr + part_row, mask=is_row, other=float("-inf"))
+        part = tl.load(part_o_ptr + part_row[:, None] * HEAD_DIM_PADDED + offs_d[None, :], mask=is_row[:, None],
+                       other=0.0)
+        new_max = tl.maximum(total_max, lse2)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no key yet: weights 0, not NaN
+        correction = tl.math.exp2(total_max - shift)
+        weight = tl.math.exp2(lse2 - shift)
+        acc = acc * correction[:, None] + part * weight[:, None]
+        total_sum = total_sum * correction + weight
+        total_max = new_max
+    out, lse2 = normalized_rows(acc, total_max, total_sum)
+    tl.store(lse_ptr + flat_row, lse2 * LN2, mask=is_row)
+    batch_head = flat_row // seq_q
+    o_ptrs = (o_ptr + (batch_head // heads).to(tl.int64)[:, None] * stride_ob
+              + (batch_head % heads)[:, None] * stride_oh + (flat_row % seq_q)[:, None] * stride_om
+              + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=is_row[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+def decode_tiles(padded_head_dim, itemsize):
+    """The decode kernel's key tile and pipeline depth on a GPU: K and V tiles 3 deep where they
+    fit in 96 KiB of shared memory, else 2."""
+    block_n = 64 if padded_head_dim <= 128 else 32
+    num_stages = 3 if 2 * 3 * block_n * padded_head_dim * itemsize <= 96 * 1024 else 2
+    return block_n, num_stages
+
+
+def decode_plan(batch, kv_heads, group_size, seq_q, seq_k, head_dim, q):
+    """``DecodePlan`` when the queries are few enough for the decode kernel (every query of a GQA
+    group in one tile of at most DECODE_MAX_ROWS rows), else None. Keys are split so that
+    batch · kv_heads · splits programs fill the GPU, each split at least two key tiles long."""
+    rows = group_size * seq_q
+    if seq_q > DECODE_MAX_QUERIES or rows > DECODE_MAX_ROWS:
+        return None
+    if interpreting():
+        block_n, wanted_splits, num_stages = INTERPRETER_BLOCKS["BLOCK_N"], 4, 1
+    else:
+        block_n, num_stages = decode_tiles(head_dim_padded(head_dim), q.element_size())
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        wanted_splits = triton.cdiv(2 * sms, batch * kv_heads)
+    splits = max(1, min(wanted_splits, triton.cdiv(seq_k, 2 * block_n), DECODE_MAX_SPLITS))
+    keys_per_split = triton.cdiv(triton.cdiv(seq_k, splits), block_n) * block_n
+    return DecodePlan(
+        block_m=max(16, triton.next_power_of_2(rows)), block_n=block_n, num_stages=num_stages,
+        splits=triton.cdiv(seq_k, keys_per_split), keys_per_split=keys_per_split,
+    )
+
+
+def decode_launches(q, k, v, o, lse, causal, scale, plan):
+    """Flash-decoding: each key split writes its normalized partial output and log-sum-exp, and a
+    second kernel merges them; with a single split the first kernel writes o and lse itself."""
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    rows = batch * heads * seq_q
+    padded = head_dim_padded(head_dim)
+    final = plan.splits == 1
+    if final:
+        out, lse_out = o, lse
+    else:
+        out = torch.empty((plan.splits, rows, padded), dtype=torch.float32, device=q.device)
+        lse_out = torch.empty((plan.splits, rows), dtype=torch.float32, device=q.device)
+    decode = KernelLaunch(
+        attention_decode_kernel,
+        (plan.splits, batch * kv_heads),
+        (q, k, v, out, lse_out, *strides(q), *strides(k), *strides(v), *strides(o),
+         heads, kv_heads, heads // kv_heads, seq_q, seq_k, float(scale), plan.keys_per_split, rows),
+        dict(shape_constexprs(head_dim, q.dtype, causal), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, FINAL=final),
+        4,
+        plan.num_stages,
+    )
+    if final:
+        return [decode]
+    combine = KernelLaunch(
+        attention_decode_combine_kernel,
+        (triton.cdiv(rows, DECODE_COMBINE_ROWS),),
+        (out, lse_out, o, lse, *strides(o), heads, seq_q, rows, plan.splits),
+        dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=padded, BLOCK_R=DECODE_COMBINE_ROWS),
+        4,
+        1,
+    )
+    return [decode, combine]
