@@ -17,8 +17,9 @@
 #include "cpu/ops.h"
 #include "cuda/limits.h"
 
-#define FASTGPT_TEXT_(x) #x
-#define FASTGPT_TEXT(x) FASTGPT_TEXT_(x)
+// variadic, so that FASTGPT_CUDA_ARCHS=80,90 (commas: no quotes for a shell to strip) stringifies whole
+#define FASTGPT_TEXT_(...) #__VA_ARGS__
+#define FASTGPT_TEXT(...) FASTGPT_TEXT_(__VA_ARGS__)
 #ifdef _GLIBCXX_USE_CXX11_ABI
 #define FASTGPT_CXX11_ABI_TEXT FASTGPT_TEXT(_GLIBCXX_USE_CXX11_ABI)
 #else
@@ -100,10 +101,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #ifdef FASTGPT_WITH_CUDA
         info["cuda"] = true;
         pybind11::list archs;
-        std::string arch_list = FASTGPT_CUDA_ARCHS;  // "80;90"
+        const std::string arch_list = FASTGPT_TEXT(FASTGPT_CUDA_ARCHS);  // "80,90"
         size_t start = 0;
         while (start <= arch_list.size()) {
-          size_t end = arch_list.find(';', start);
+          size_t end = arch_list.find(',', start);
           if (end == std::string::npos) end = arch_list.size();
           if (end > start) archs.append(arch_list.substr(start, end - start));
           start = end + 1;

@@ -14,19 +14,17 @@ import functools
 
 import torch
 
+from fastgpt import extension
 from fastgpt.contract import residual_stream_dtype
 
 # what this module reads from build_info(); a build from older sources lacks some of it
 _LIMIT_KEYS = ("cpu_attention_max_head_dim", "cuda_attention_dtypes", "cuda_attention_head_dims",
                "cuda_add_layer_norm_max_hidden")
 
-try:
-    from fastgpt import _C
-except ImportError as exc:  # not built, or built against another torch (undefined symbols)
-    _C = None
-    _LOAD_ERROR = f"the C++ extension fastgpt._C is not built or failed to load ({exc})"
-else:
-    _LOAD_ERROR = None
+# the install-time build, or one made on first use (compiled now if need be: fastgpt/extension.py)
+LOADED = extension.load()
+_C, _LOAD_ERROR = LOADED.module, LOADED.error
+if _C is not None:
     _missing = [key for key in _LIMIT_KEYS if key not in _C.build_info()]
     if _missing:
         _C, _LOAD_ERROR = None, f"fastgpt._C was built from older sources (build_info() lacks {_missing}): rebuild it"
@@ -42,9 +40,10 @@ def available():
     info = _build_info()
     threads = f"OpenMP, {info['threads']} threads" if info["openmp"] else f"{info['threads']} threads"
     tiles = "torch's BLAS" if info["cpu_gemm"] == "blas" else "at::addmm"
+    built = "built on first use" if LOADED.origin == "first-use" else "built at install time"
     return True, (
         f"C++ extension: CPU ({threads}, tile products in {tiles}) and {_cuda_summary(info)}; "
-        f"built with {info['compiler']} for torch {info['torch']}"
+        f"{built} with {info['compiler']} for torch {info['torch']}"
     )
 
 

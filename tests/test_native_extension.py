@@ -4,7 +4,6 @@ Numerics of the native backend against float64 live in the shared, backend-param
 tests (test_attention.py, test_add_layer_norm.py).
 """
 
-import builtins
 import importlib
 
 import pytest
@@ -360,15 +359,10 @@ def test_unsupported_inputs_are_reported():
 
 def test_package_imports_without_the_extension(monkeypatch):
     """A failed build must not break `import fastgpt`: the native backend reports why it is unavailable."""
-    real_import = builtins.__import__
-
-    def no_extension(name, globals=None, locals=None, fromlist=(), level=0):
-        if name == "fastgpt" and fromlist and "_C" in fromlist:
-            raise ImportError("simulated: fastgpt._C is missing")
-        return real_import(name, globals, locals, fromlist, level)
+    from fastgpt import extension
 
     was_available = native.available()[0]
-    monkeypatch.setattr(builtins, "__import__", no_extension)
+    monkeypatch.setattr(extension, "load", lambda: extension.Loaded(None, "simulated: fastgpt._C is missing"))
     try:
         reloaded = importlib.reload(native)
         ok, reason = reloaded.available()
