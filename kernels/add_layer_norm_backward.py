@@ -20,12 +20,13 @@ from .tiles import load_tile, tile_pointers
 def row_dots_kernel(
     dy_ptr,  # (rows, N) gradient of y, row stride stride_dy_row, unit column stride
     h_ptr,  # (rows, N) h, row stride stride_h_row, unit column stride
-    weight_ptr,  # (N,) read only when HAS_WEIGHT
+    weight_ptr,  # (N,) element stride stride_weight (any, 0 when expanded); read only when HAS_WEIGHT
     mean_ptr,  # (rows,) fp32, not read in RMS mode
     rstd_ptr,  # (rows,) fp32
     row_dots_ptr,  # (rows, 2) fp32 out: mean over the row of (dy·weight)·xhat, and of dy·weight
     stride_dy_row,
     stride_h_row,
+    stride_weight,
     N,
     IS_RMS_NORM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -43,7 +44,7 @@ def row_dots_kernel(
         h = tl.load(h_ptr + row * stride_h_row + cols, mask=mask, other=0.0).to(tl.float32)
         wdy = tl.load(dy_ptr + row * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_WEIGHT:
-            wdy *= tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            wdy *= tl.load(weight_ptr + cols * stride_weight, mask=mask, other=0.0).to(tl.float32)
         dot_xhat += wdy * ((h - mean) * rstd)  # wdy is 0 on padding
         dot_ones += wdy
     tl.store(row_dots_ptr + 2 * row, tl.sum(dot_xhat, axis=0) / N)
@@ -61,7 +62,7 @@ def add_layer_norm_backward_kernel(
     dy_ptr,  # (rows, N) gradient of y, row stride stride_dy_row, unit column stride
     dh_ptr,  # (rows, N) gradient of h, row stride stride_dh_row, unit column stride; read only when HAS_DH
     h_ptr,  # (rows, N) h, row stride stride_h_row, unit column stride
-    weight_ptr,  # (N,) read only when HAS_WEIGHT
+    weight_ptr,  # (N,) element stride stride_weight (any, 0 when expanded); read only when HAS_WEIGHT
     mean_ptr,  # (rows,) fp32, not read in RMS mode
     rstd_ptr,  # (rows,) fp32
     row_dots_ptr,  # (rows, 2) fp32 from row_dots_kernel; read only when PRECOMPUTED_ROW_DOTS
@@ -71,6 +72,7 @@ def add_layer_norm_backward_kernel(
     stride_dy_row,
     stride_dh_row,
     stride_h_row,
+    stride_weight,
     n_rows,
     N,
     rows_per_program,  # a multiple of ROWS_PER_TILE
@@ -89,7 +91,7 @@ def add_layer_norm_backward_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     if HAS_WEIGHT:
-        weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        weight = tl.load(weight_ptr + cols * stride_weight, mask=col_mask, other=0.0).to(tl.float32)
     dweight_sum = tl.zeros([ROWS_PER_TILE, BLOCK_N], dtype=tl.float32)
     dbias_sum = tl.zeros([ROWS_PER_TILE, BLOCK_N], dtype=tl.float32)
     first_row = program * rows_per_program
@@ -156,6 +158,7 @@ def backward_launches(dy, dh, h, weight, bias, mean, rstd, is_rms_norm, programs
     partial_shape = (grid[0], N)
     dweight_partial = torch.empty(partial_shape, dtype=torch.float32, device=h.device) if weight is not None else None
     dbias_partial = torch.empty(partial_shape, dtype=torch.float32, device=h.device) if bias is not None else None
+    weight_stride = weight.stride(0) if weight is not None else 1
     launches, row_dots = [], None
     if config["PRECOMPUTED_ROW_DOTS"]:
         row_dots = torch.empty((n_rows, 2), dtype=torch.float32, device=h.device)
@@ -171,6 +174,7 @@ def backward_launches(dy, dh, h, weight, bias, mean, rstd, is_rms_norm, programs
                 row_dots,
                 dy_rows.stride(0),
                 h_rows.stride(0),
+                weight_stride,
                 N,
             ),
             dict(IS_RMS_NORM=is_rms_norm, HAS_WEIGHT=weight is not None, BLOCK_N=COLUMN_BLOCK),
@@ -194,6 +198,7 @@ def backward_launches(dy, dh, h, weight, bias, mean, rstd, is_rms_norm, programs
             dy_rows.stride(0),
             dh_rows.stride(0),
             h_rows.stride(0),
+            weight_stride,
             n_rows,
             N,
             rows_per_program,

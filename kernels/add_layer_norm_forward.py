@@ -27,14 +27,16 @@ def _sum_as_stored(x_rows, residual_rows, cols, mask, H_DTYPE: tl.constexpr):
 def add_layer_norm_forward_kernel(
     x_ptr,  # (rows, N) x, row stride stride_x_row, unit column stride
     residual_ptr,  # (rows, N) residual (x's dtype or fp32), row stride stride_residual_row, unit column stride
-    weight_ptr,  # (N,) read only when HAS_WEIGHT
-    bias_ptr,  # (N,) read only when HAS_BIAS
+    weight_ptr,  # (N,) element stride stride_weight (any, 0 when expanded); read only when HAS_WEIGHT
+    bias_ptr,  # (N,) element stride stride_bias; read only when HAS_BIAS
     y_ptr,  # (rows, N) contiguous, x's dtype: the normalized output
     h_ptr,  # (rows, N) contiguous, h's dtype: x + residual
     mean_ptr,  # (rows,) fp32: the mean of each row of h (zeros in RMS mode)
     rstd_ptr,  # (rows,) fp32: 1 / sqrt(variance + eps) (RMS mode: 1 / sqrt(mean(h²) + eps))
     stride_x_row,
     stride_residual_row,
+    stride_weight,
+    stride_bias,
     n_rows,
     N,
     eps,
@@ -69,9 +71,9 @@ def add_layer_norm_forward_kernel(
         rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / N + eps)
         y = centered * rstd[:, None]
         if HAS_WEIGHT:
-            y = y * tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            y = y * tl.load(weight_ptr + cols * stride_weight, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
-            y = y + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            y = y + tl.load(bias_ptr + cols * stride_bias, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         # Wide rows: pass 1 writes h and sums it, pass 2 sums squared deviations from the exact
@@ -107,9 +109,9 @@ def add_layer_norm_forward_kernel(
             h = _sum_as_stored(x_rows, residual_rows, cols, mask, h_ptr.dtype.element_ty).to(tl.float32)
             y = (h - mean[:, None]) * rstd[:, None]
             if HAS_WEIGHT:
-                y = y * tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                y = y * tl.load(weight_ptr + cols * stride_weight, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             if HAS_BIAS:
-                y = y + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                y = y + tl.load(bias_ptr + cols * stride_bias, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=row_mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
@@ -141,6 +143,8 @@ def forward_launch(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32
             rstd,
             x_rows.stride(0),
             residual_rows.stride(0),
+            weight.stride(0) if weight is not None else 1,
+            bias.stride(0) if bias is not None else 1,
             n_rows,
             N,
             eps,

@@ -13,7 +13,7 @@ through all four of its strides, so any layout works without a copy.
 
 import torch
 
-from . import device_unsupported_reason, interpreting  # noqa: F401 - tests ask this module whether it interprets
+from . import device_unsupported_reason, interpreting
 from .attention_backward import (
     PREPROCESS_BLOCK_M, attention_backward, attention_backward_dkdv_kernel, attention_backward_dq_kernel, dkdv_args,
     dq_args, preprocess_launch,
@@ -38,6 +38,8 @@ def attention_unsupported(q, k, v):
         return reason
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not supported (float32, float16 or bfloat16)"
+    if q.dtype == torch.bfloat16 and interpreting():
+        return "bfloat16 dot products are wrong in Triton's CPU interpreter (errors near 1e9); use a GPU"
     head_dim = q.shape[-1]
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         return f"head_dim {head_dim} is outside 1..{MAX_HEAD_DIM}"

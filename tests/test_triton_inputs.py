@@ -1,0 +1,88 @@
+"""Inputs the Triton kernels must take or decline honestly: weight and bias of any stride
+(a slice, an expanded stride-0 vector), and dtypes they cannot compute where they run."""
+
+import pytest
+import torch
+from conftest import assert_close
+
+import fastgpt
+from fastgpt import ops
+
+pytest.importorskip("triton")
+
+
+def _skip_unless_triton():
+    info = fastgpt.backends()["triton"]
+    if not info["available"]:
+        pytest.skip(f"triton backend unavailable: {info['reason']}")
+
+
+def _parameter(kind, n, generator):
+    """A (n,) vector laid out as ``kind``: contiguous, every other element of a longer one, or one value expanded."""
+    if kind == "contiguous":
+        return torch.randn(n, generator=generator)
+    if kind == "sliced":
+        return torch.randn(2 * n, generator=generator)[::2]
+    return torch.randn(1, generator=generator).expand(n)  # stride 0
+
+
+def _add_norm_float64(x, residual, weight, bias, eps, rms):
+    h = x.double() + residual.double()
+    if rms:
+        y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        y = torch.nn.functional.layer_norm(h, h.shape[-1:], eps=eps)
+    return y * weight.double() + (bias.double() if bias is not None else 0.0)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("layout", ["sliced", "expanded"])
+@pytest.mark.parametrize("n", [16, 130])
+def test_add_norm_honours_weight_and_bias_strides(layout, n, rms):
+    _skip_unless_triton()
+    generator = torch.Generator().manual_seed(n)
+    x = torch.randn(5, n, generator=generator, requires_grad=True)
+    residual = torch.randn(5, n, generator=generator, requires_grad=True)
+    weight = _parameter(layout, n, generator).requires_grad_()
+    bias = None if rms else _parameter(layout, n, generator).requires_grad_()
+    op = ops.add_rms_norm if rms else ops.add_layer_norm
+    args = (x, residual, weight) if rms else (x, residual, weight, bias)
+    y, _ = op(*args, eps=1e-5, backend="triton")
+    y_ref = _add_norm_float64(x, residual, weight, bias, 1e-5, rms)
+    assert_close("y", y, y_ref, torch.float32)
+
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    dy = torch.randn(5, n, generator=generator)
+    grads = torch.autograd.grad(y, leaves, dy)
+    grads_ref = torch.autograd.grad(y_ref, leaves, dy.double())
+    for name, grad, grad_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+        assert_close(name, grad, grad_ref, torch.float32)
+
+
+def test_bf16_attention_is_declined_under_the_interpreter():
+    """The interpreter's bf16 tl.dot is wrong by orders of magnitude: the backend must say so
+    rather than return it."""
+    kernels = pytest.importorskip("fastgpt.kernels.attention")
+    if not kernels.interpreting():
+        pytest.skip("only the CPU interpreter computes bf16 dot products wrongly")
+    q = torch.randn(1, 2, 16, 32, dtype=torch.bfloat16)
+    reason = kernels.attention_unsupported(q, q, q)
+    assert reason is not None and "bfloat16" in reason and "interpreter" in reason
+    assert kernels.attention_unsupported(q.half(), q.half(), q.half()) is None
+
+
+def test_bf16_add_norm_is_right_under_the_interpreter():
+    """The add+LayerNorm kernels have no dot product: bf16 is computed correctly wherever they run,
+    so the backend keeps accepting it."""
+    _skip_unless_triton()
+    generator = torch.Generator().manual_seed(0)
+    x, residual = (torch.randn(7, 130, generator=generator).bfloat16().requires_grad_() for _ in range(2))
+    weight, bias = (torch.randn(130, generator=generator).bfloat16().requires_grad_() for _ in range(2))
+    y, _ = ops.add_layer_norm(x, residual, weight, bias, backend="triton")
+    y_ref = _add_norm_float64(x, residual, weight, bias, 1e-5, rms=False)
+    assert_close("y", y, y_ref, torch.bfloat16)
+    dy = torch.randn(7, 130, generator=generator)
+    grads = torch.autograd.grad(y, (x, weight, bias), dy.bfloat16())
+    grads_ref = torch.autograd.grad(y_ref, (x, weight, bias), dy.double())
+    for name, grad, grad_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+        assert_close(name, grad, grad_ref, torch.bfloat16)
