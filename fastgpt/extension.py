@@ -243,13 +243,30 @@ def _artifact_name():
 
 
 def build(announce=_announce):
-    """Build fastgpt._C for this torch into the cache (whatever FASTGPT_BUILD says: this is the explicit
-    request) and return its path; a folder whose earlier build failed is tried again."""
+    """Make sure a fastgpt._C for this torch exists, building it into the cache if the install made
+    none (whatever FASTGPT_BUILD says: this is the explicit request; a folder whose earlier build
+    failed is tried again). Returns ("install-time" or "first-use", its path). Raises BuildError."""
+    installed = installed_path()
+    if installed is not None and torch_mismatch(installed) is None:
+        return "install-time", installed
     csrc_dir = source_dir()
     spec = current_spec(csrc_dir)
     folder = cache_root() / spec.key()
     (folder / "failed").unlink(missing_ok=True)
-    return _build_into(folder, csrc_dir, spec, announce)
+    return "first-use", str(_build_into(folder, csrc_dir, spec, announce))
+
+
+def describe(loaded):
+    """How fastgpt._C was built and where it lives (for ``fastgpt info``), given what ``load()`` returned."""
+    report = {"origin": loaded.origin, "path": loaded.path, "cache": str(cache_root()),
+              "FASTGPT_BUILD": os.environ.get("FASTGPT_BUILD") or "auto"}
+    if loaded.module is not None:
+        report.update(loaded.module.build_info())
+    else:
+        report["error"] = loaded.error
+    if loaded.notes:
+        report["notes"] = list(loaded.notes)
+    return report
 
 
 def _build_into(folder, csrc_dir, spec, announce):

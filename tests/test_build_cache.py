@@ -246,3 +246,40 @@ def test_two_processes_build_once(tmp_path):
     paths = {out.strip().splitlines()[-1] for out, _ in outputs}
     assert paths == {str(folder / "artifact")} and (folder / "artifact").read_text() == "done"
     assert not (folder / "build").exists(), "the work folder is removed once the artifact is in place"
+
+
+# ----------------------------------------------------------------------------- fastgpt build, fastgpt info
+
+
+def test_build_ahead_of_time_retries_a_failed_build(fresh_process, monkeypatch):
+    builds = fresh_process
+    monkeypatch.setattr(extension, "installed_path", lambda: None)
+    monkeypatch.setattr(extension, "_build_into", fake_build_into(builds))
+    monkeypatch.setenv("FASTGPT_BUILD", "never")  # `fastgpt build` is the explicit request
+    folder = extension.cache_root() / extension.current_spec(extension.source_dir()).key()
+    folder.mkdir(parents=True)
+    (folder / "failed").write_text("no compiler")
+    origin, path = extension.build()
+    assert origin == "first-use" and Path(path).parent == folder and len(builds) == 1
+    assert not (folder / "failed").exists()
+
+
+def test_build_ahead_of_time_keeps_an_install_time_build_for_this_torch(fresh_process, monkeypatch, tmp_path):
+    builds = fresh_process
+    installed = stamped_file(tmp_path / "_C.so", torch_release())
+    monkeypatch.setattr(extension, "installed_path", lambda: installed)
+    monkeypatch.setattr(extension, "_build_into", fake_build_into(builds))
+    assert extension.build() == ("install-time", installed) and not builds
+
+
+def test_describe_says_how_and_where_it_was_built(fresh_process):
+    class Module:
+        @staticmethod
+        def build_info():
+            return {"torch": "2.13.0", "cuda": False}
+
+    report = extension.describe(extension.Loaded(Module(), origin="first-use", path="/cache/x/_C.so"))
+    assert report["origin"] == "first-use" and report["path"] == "/cache/x/_C.so" and report["torch"] == "2.13.0"
+    assert report["cache"] == str(extension.cache_root()) and report["FASTGPT_BUILD"] == "auto"
+    failed = extension.describe(extension.Loaded(None, "no compiler", notes=("built for torch 2.1.0",)))
+    assert failed["error"] == "no compiler" and failed["notes"] == ["built for torch 2.1.0"]
