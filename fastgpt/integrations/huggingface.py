@@ -1,0 +1,163 @@
+"""fastgpt as a Hugging Face transformers attention implementation: ``attn_implementation="fastgpt"``.
+
+Supported: transformers 4.53 (the first with ``AttentionMaskInterface``) through 5.24. ``import fastgpt``
+registers the name as soon as transformers is imported (or at once, when it already was), without
+importing transformers itself; ``register()`` does it explicitly.
+
+transformers hands each attention layer q ``(batch, heads, seq_q, head_dim)`` and k/v
+``(batch, kv_heads, seq_k, head_dim)`` and expects ``(batch, seq_q, heads, head_dim)`` back. fastgpt
+uses the same masks as ``"sdpa"``, so a batch without padding arrives with ``attention_mask=None``
+and runs on ``fastgpt.ops.attention`` (GQA without repeating K/V). Everything fastgpt cannot run yet
+— a mask tensor (padding, packed sequences, a sliding window that masks a key), dropout,
+``softcap``, position biases, attention sinks — goes to transformers' own SDPA function unchanged, so the
+answer is the one ``"sdpa"`` gives.
+"""
+
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
+from fastgpt import ops
+
+NAME = "fastgpt"
+MIN_TRANSFORMERS = "4.53"
+
+# keyword arguments whose presence changes the result in ways fastgpt's attention does not compute
+_UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "output_attentions")
+
+_sdpa_attention_forward = None  # transformers' SDPA function, captured by register()
+_warned_dropout = False
+
+
+def attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """The function transformers calls for ``attn_implementation="fastgpt"`` (its attention-interface
+    signature); returns ``(output (batch, seq_q, heads, head_dim), None)``."""
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if dropout > 0.0:
+        _warn_dropout_once(dropout)
+    elif _runs_on_fastgpt(query, key, value, attention_mask, is_causal, kwargs):
+        causal = is_causal and query.shape[2] > 1
+        if causal and key.shape[2] > query.shape[2]:
+            # Only a static cache's first prefill gets here (the mask function returns None for it):
+            # keys past the queries are empty slots, and SDPA's top-left causal mask never reaches them.
+            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+        out = ops.attention(query, key, value, causal=causal, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    return _sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+
+
+def _runs_on_fastgpt(query, key, value, attention_mask, is_causal, kwargs):
+    """Whether fastgpt computes exactly what transformers' SDPA path would for this call.
+
+    A sliding window needs no check: the mask function puts it in ``attention_mask`` wherever it
+    masks a key, and SDPA ignores ``sliding_window`` itself."""
+    return (
+        attention_mask is None
+        and all(kwargs.get(name) is None or kwargs.get(name) is False for name in _UNSUPPORTED_KWARGS)
+        and query.dtype == key.dtype == value.dtype
+        and key.shape == value.shape
+        and query.shape[0] == key.shape[0]
+        and query.shape[3] == key.shape[3]
+        and query.shape[1] % key.shape[1] == 0
+        # SDPA's causal mask is top-left: with fewer keys than queries it is not fastgpt's bottom-right one
+        and not (is_causal and query.shape[2] > 1 and key.shape[2] < query.shape[2])
+    )
+
+
+def _warn_dropout_once(dropout):
+    global _warned_dropout
+    if not _warned_dropout:
+        _warned_dropout = True
+        warnings.warn(
+            f"fastgpt attention has no dropout: layers training with attention dropout {dropout} run "
+            "transformers' SDPA attention instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def register():
+    """Register ``"fastgpt"`` with transformers' attention and attention-mask registries.
+
+    Idempotent. Raises ``ImportError`` when transformers is missing or older than 4.53.
+    """
+    try:
+        from transformers import masking_utils, modeling_utils
+    except ImportError as exc:
+        raise ImportError(f'attn_implementation="fastgpt" needs transformers>={MIN_TRANSFORMERS}: {exc}') from exc
+    _register_attention(modeling_utils)
+    _register_mask(masking_utils)
+
+
+def _register_attention(modeling_utils):
+    global _sdpa_attention_forward
+    _sdpa_attention_forward = modeling_utils.ALL_ATTENTION_FUNCTIONS["sdpa"]
+    modeling_utils.AttentionInterface.register(NAME, attention_forward)
+
+
+def _register_mask(masking_utils):
+    interface = getattr(masking_utils, "AttentionMaskInterface", None)
+    if interface is None:
+        raise ImportError(f'attn_implementation="fastgpt" needs transformers>={MIN_TRANSFORMERS}')
+    # SDPA's masks: None for a causal batch without padding, a boolean (batch, 1, seq_q, seq_k) mask otherwise
+    interface.register(NAME, masking_utils.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def register_when_imported():
+    """Register as soon as transformers' registries exist, without importing transformers.
+
+    Does nothing when transformers is not installed; registers at once when it is already imported.
+    """
+    if "transformers.masking_utils" in sys.modules and "transformers.modeling_utils" in sys.modules:
+        _register_quietly()
+    elif importlib.util.find_spec("transformers") is not None:
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+def _register_quietly():
+    try:
+        register()
+    except ImportError:  # an older transformers: "fastgpt" stays unknown to it, as before
+        pass
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Registers fastgpt once both transformers modules holding the registries have finished executing
+    (either may import the other half way through its own execution)."""
+
+    _WATCHED = ("transformers.modeling_utils", "transformers.masking_utils")
+
+    def __init__(self):
+        self._executed = set()
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in self._WATCHED:
+            return None
+        spec = _spec_from_other_finders(self, fullname, path, target)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            self._executed.add(fullname)
+            if self._executed.issuperset(self._WATCHED):
+                sys.meta_path.remove(self)
+                _register_quietly()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _spec_from_other_finders(skip, fullname, path, target):
+    for finder in sys.meta_path:
+        if finder is not skip and hasattr(finder, "find_spec"):
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                return spec
+    return None
