@@ -48,7 +48,7 @@ def models(kind, dtype=torch.float32, **overrides):
 def same_weights(config, dtype=torch.float32):
     # each model gets its own config: from_config writes the attention implementation into it
     fast, sdpa = (
-        transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=name, dtype=dtype)
+        transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=name).to(dtype)
         for name in ("fastgpt", "sdpa")
     )
     sdpa.load_state_dict(fast.state_dict())

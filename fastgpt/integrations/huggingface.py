@@ -1,6 +1,8 @@
 """fastgpt as a Hugging Face transformers attention implementation: ``attn_implementation="fastgpt"``.
 
-Supported: transformers 4.53 (the first with ``AttentionMaskInterface``) through 5.24. ``import fastgpt``
+Tested with transformers 5.24. Registration needs 4.53 or later (the first with
+``AttentionMaskInterface``); with 4.53.3 some models (GPT-2, static caches) always pass a mask, so
+they run on SDPA. ``import fastgpt``
 registers the name as soon as transformers is imported (or at once, when it already was), without
 importing transformers itself; ``register()`` does it explicitly.
 
