@@ -52,7 +52,14 @@ from fastgpt.bench.attention import SDPA_BACKENDS, attention_cases, attention_im
 from fastgpt.bench.cases import PASSES, Case
 from fastgpt.bench.cli import DESCRIPTION, OPS, add_arguments, main, run, settings_for
 from fastgpt.bench.implementations import BASELINE_BACKEND, Impl, fastgpt_backends, fastgpt_impls
-from fastgpt.bench.machine import backend_report, best_ceilings, last_level_cache_bytes, machine_info, measure_ceilings
+from fastgpt.bench.machine import (
+    backend_report,
+    best_ceilings,
+    cpu_model,
+    last_level_cache_bytes,
+    machine_info,
+    measure_ceilings,
+)
 from fastgpt.bench.model import ModelImpl, make_train_step, model_configs, model_impls, peak_training_memory
 from fastgpt.bench.plots import write_plots
 from fastgpt.bench.records import SCHEMA, add_ratios, case_key, first_line, record
@@ -72,7 +79,7 @@ __all__ = [
     "DESCRIPTION", "OPS", "add_arguments", "main", "run", "settings_for",
     "Settings", "DTYPES", "DTYPE_NAMES", "default_dtypes",
     "Timing", "time_calls", "timed_calls", "warm_up", "input_set_count",
-    "machine_info", "backend_report", "last_level_cache_bytes", "measure_ceilings", "best_ceilings",
+    "machine_info", "cpu_model", "backend_report", "last_level_cache_bytes", "measure_ceilings", "best_ceilings",
     "SCHEMA", "record", "case_key", "add_ratios", "first_line",
     "Case", "PASSES", "Impl", "BASELINE_BACKEND", "fastgpt_backends", "fastgpt_impls",
     "run_cases", "skip_reason", "step_for", "make_input_sets", "TIMING_BLOCKS", "SCORE_BYTES_LIMIT",

@@ -26,7 +26,8 @@ def last_level_cache_bytes(device):
         return 32 << 20
 
 
-def _cpu_model():
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), or what platform knows of it."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -73,7 +74,7 @@ def machine_info(device):
     gpu = device == "cuda"
     props = torch.cuda.get_device_properties(0) if gpu else None
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu_name": torch.cuda.get_device_name(0) if gpu else None,
