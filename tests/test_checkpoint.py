@@ -45,7 +45,7 @@ def test_interrupted_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch)
 
     monkeypatch.setattr(checkpoint_module, "save_file", crash)
     trainer.train_step()
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full.*is unchanged"):
         trainer.save(path)
     assert open(path, "rb").read() == good
     assert os.listdir(tmp_path) == ["ckpt.safetensors"]  # no temporary file left behind
@@ -58,3 +58,25 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(str(path))
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_checkpoint(str(tmp_path / "missing.safetensors"))
+
+
+def test_a_flipped_byte_in_the_tensors_names_the_damaged_file(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    tiny_trainer().save(str(path))
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{path} is damaged"):
+        load_checkpoint(str(path))
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    trainer = tiny_trainer()
+    path = str(tmp_path / "ckpt.safetensors")
+    trainer.save(path)
+    good = open(path, "rb").read()
+    with torch.no_grad():
+        next(trainer.model.parameters())[0] = float("nan")
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        trainer.save(path)
+    assert open(path, "rb").read() == good
