@@ -22,21 +22,15 @@
 // A backward task owns dK/dV of its key blocks and accumulates dQ into the fp32 partial buffer
 // of its split (with one split and fp32 q, into dQ itself); the partials are summed in split
 // order. Nothing depends on the thread count, so the results are deterministic.
-#include <ATen/Parallel.h>
-
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
-#include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "alloc_output.h"
-#include "gemm.h"
+#include "attention_decode.h"
+#include "attention_tiles.h"
 #include "ops.h"
-#include "simd.h"
-#include "float_rows.h"
 
 namespace fastgpt::cpu {
 namespace {
@@ -50,59 +44,6 @@ constexpr int64_t kBackwardBlockK = 128;
 constexpr int64_t kBandRows = 32;
 // the backward splits the key blocks of each (batch, kv_head) until there are this many tasks
 constexpr int64_t kMinBackwardTasks = 16;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// ----------------------------------------------------------------------------- exp kernels
-
-// exp(x) to ~1 ulp over the range softmax needs (Cephes' expf: 2^n times a degree-6 polynomial).
-// always inlined, so each ISA clone below gets its own copy
-__attribute__((always_inline)) inline Floats exp_lanes(Floats x) {
-  x = x < -87.3f ? Floats{} - 87.3f : x;
-  x = x > 88.3f ? Floats{} + 88.3f : x;
-  const Floats round_magic = Floats{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const Floats n = (x * 1.44269504088896341f + round_magic) - round_magic;
-  const Floats r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  Floats p = Floats{} + 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.f;
-  const Ints two_to_n = (__builtin_convertvector(n, Ints) + 127) << 23;
-  return p * (Floats)two_to_n;  // a vector cast reinterprets the bits
-}
-
-// row[j] = exp(row[j] * multiplier - shift) for j < n; returns the sum of the new values.
-FASTGPT_CPU_DISPATCH float exp_in_place(float* row, int64_t n, float multiplier, float shift) {
-  Floats sums{};
-  // always_inline: GCC left this lambda out of line, as baseline code, for the partial lane group
-  // that most causal rows end with (5% of a bf16 causal forward)
-  for_lanes(n, [&](int64_t j, int64_t count) __attribute__((always_inline)) {
-    const Floats x = exp_lanes(load_lanes(row + j, count) * multiplier - shift);
-    store_lanes(row + j, x, count);
-    sums += count == kLanes ? x : load_lanes(row + j, count);  // padding lanes do not count
-  });
-  return sum_lanes(sums);
-}
-
-FASTGPT_CPU_DISPATCH float max_of(const float* row, int64_t n) {
-  Floats best = Floats{} + kNegInf;
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    const Floats x = load_lanes(row + j);
-    best = x > best ? x : best;
-  }
-  float total = kNegInf;
-  for (int lane = 0; lane < kLanes; ++lane) total = std::max(total, best[lane]);
-  for (; j < n; ++j) total = std::max(total, row[j]);
-  return total;
-}
-
-// row[j] *= factor for j < n
-FASTGPT_CPU_DISPATCH void scale_in_place(float* row, int64_t n, float factor) {
-  for_lanes(n, [&](int64_t j, int64_t count) { store_lanes(row + j, load_lanes(row + j, count) * factor, count); });
-}
 
 // grad[j] = probs[j] * (grad[j] - delta): the softmax backward, dS = P * (dP - rowsum(dO * O))
 FASTGPT_CPU_DISPATCH void softmax_backward_in_place(float* grad, const float* probs, int64_t n, float delta) {
@@ -115,99 +56,6 @@ FASTGPT_CPU_DISPATCH float dot(const float* a, const float* b, int64_t n) {
   Floats sums{};
   for_lanes(n, [&](int64_t j, int64_t count) { sums += load_lanes(a + j, count) * load_lanes(b + j, count); });
   return sum_lanes(sums);
-}
-
-// ----------------------------------------------------------------------------- tiles
-
-// Values computed in fp32 (probabilities, score gradients: rows x cols, row stride ld) as an operand
-// of the next product: the values themselves for fp32 products, else rounded into buffer + offset.
-inline const float* as_operand(const float* values, int64_t, int64_t, int64_t, float*, int64_t) { return values; }
-
-inline const c10::BFloat16* as_operand(const float* values, int64_t rows, int64_t cols, int64_t ld,
-                                       c10::BFloat16* buffer, int64_t offset) {
-  for (int64_t r = 0; r < rows; ++r) round_to_bf16(values + r * ld, cols, buffer + offset + r * ld);
-  return buffer + offset;
-}
-
-// Scratch for as_operand(): none where the products run in fp32.
-template <typename Elem>
-std::vector<Elem> operand_buffer(int64_t size) {
-  return std::vector<Elem>(std::is_same_v<Elem, float> ? 0 : size);
-}
-
-// Rows of a tile's elements (fp32, or bf16 where the products run in bf16), row r at data + r * ld.
-template <typename Elem>
-struct Tile {
-  const Elem* data;
-  int64_t ld;
-  const Elem* row(int64_t r) const { return data + r * ld; }
-};
-
-// A (batch, heads, seq, head_dim) tensor read row by row, with its own strides and dtype.
-struct Heads {
-  const char* data;
-  int64_t element_size;
-  at::ScalarType dtype;
-  int64_t stride_batch, stride_head, stride_seq, stride_dim;
-
-  explicit Heads(const at::Tensor& t)
-      : data(static_cast<const char*>(t.const_data_ptr())),
-        element_size(t.element_size()),
-        dtype(t.scalar_type()),
-        stride_batch(t.stride(0)),
-        stride_head(t.stride(1)),
-        stride_seq(t.stride(2)),
-        stride_dim(t.stride(3)) {}
-
-  // rows [first, first + count) of head (b, h) into a dense fp32 tile: count x head_dim
-  void load(int64_t b, int64_t h, int64_t first, int64_t count, int64_t head_dim, float* tile) const {
-    for (int64_t r = 0; r < count; ++r) {
-      load_row(row(b, h, first + r), dtype, stride_dim, head_dim, tile + r * head_dim);
-    }
-  }
-
-  // The same rows as a matrix of Elem (count x head_dim, row stride ld): the tensor itself when it
-  // holds Elem with a unit inner stride (no copy), else converted into `buffer`.
-  template <typename Elem>
-  Tile<Elem> tile(int64_t b, int64_t h, int64_t first, int64_t count, int64_t head_dim, Elem* buffer) const {
-    if (dtype == c10::CppTypeToScalarType<Elem>::value && (stride_dim == 1 || head_dim == 1) &&
-        stride_seq >= head_dim) {
-      return {reinterpret_cast<const Elem*>(row(b, h, first)), count == 1 ? head_dim : stride_seq};
-    }
-    if constexpr (std::is_same_v<Elem, float>) {
-      load(b, h, first, count, head_dim, buffer);
-    } else {  // bf16 tiles are only used for bf16 tensors: this is a strided copy
-      for (int64_t r = 0; r < count; ++r) {
-        const Elem* src = reinterpret_cast<const Elem*>(row(b, h, first + r));
-        for (int64_t c = 0; c < head_dim; ++c) buffer[r * head_dim + c] = src[c * stride_dim];
-      }
-    }
-    return {buffer, head_dim};
-  }
-
- private:
-  const char* row(int64_t b, int64_t h, int64_t s) const {
-    return data + (b * stride_batch + h * stride_head + s * stride_seq) * element_size;
-  }
-};
-
-// Calls worker(next_task) once per thread; next_task() hands out 0, 1, 2, ... first come, first
-// served, so a thread slowed down by other load on the machine simply takes fewer tasks. Every
-// task writes its own outputs whatever thread runs it: the results stay deterministic.
-template <typename Worker>
-void run_tasks_dynamically(int64_t tasks, const Worker& worker) {
-  std::atomic<int64_t> counter{0};
-  auto next_task = [&counter]() { return counter.fetch_add(1, std::memory_order_relaxed); };
-  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1,
-                   [&](int64_t, int64_t) { worker(next_task); });
-}
-
-// Number of keys of a key block [first_key, first_key + block) that query `query` sees.
-inline int64_t visible_keys(bool causal, int64_t query, int64_t first_key, int64_t block, int64_t seq_q,
-                            int64_t seq_k) {
-  if (!causal) return block;
-  const int64_t last_visible = query + seq_k - seq_q;  // bottom-right alignment
-  return std::clamp<int64_t>(last_visible - first_key + 1, 0, block);
 }
 
 // Calls body(first_row, end_row, keys) for bands of rows of a query block (block_q rows from
@@ -325,10 +173,6 @@ void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at:
   });
 }
 
-// Whether bf16 inputs are multiplied in bf16 (fp32 accumulation; the probabilities and score
-// gradients rounded to bf16 on the way into their products, as FlashAttention does on GPUs).
-bool bf16_products(const at::Tensor& q) { return q.scalar_type() == at::kBFloat16 && bf16_gemm_available(); }
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -336,7 +180,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   check_attention_inputs(q, k, v);
   at::Tensor out = alloc_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = alloc_output(q.sizes().slice(0, 3), q.options().dtype(at::kFloat));
-  if (bf16_products(q)) {
+  if (use_decode_kernel(q, k)) {
+    attention_decode_forward(q, k, v, causal, scale, out, lse);
+  } else if (bf16_products(q)) {
     attention_forward_tiles<c10::BFloat16>(q, k, v, causal, scale, out, lse);
   } else {
     attention_forward_tiles<float>(q, k, v, causal, scale, out, lse);
