@@ -45,8 +45,8 @@ def dist(tmp_path_factory):
 
 
 def test_sdist_holds_everything_a_build_needs(dist):
-    missing = BUILD_SOURCES | {"README.md", "pyproject.toml", "setup.py", "MANIFEST.in", "fastgpt/build_recipe.py",
-                               "kernels/attention.py", "tests/downstream/pyproject.toml"}
+    missing = BUILD_SOURCES | {"README.md", "LICENSE", "pyproject.toml", "setup.py", "MANIFEST.in",
+                               "fastgpt/build_recipe.py", "kernels/attention.py", "tests/downstream/pyproject.toml"}
     assert not missing - dist["sdist"]
 
 
@@ -60,6 +60,10 @@ def test_wheel_carries_the_sources_for_a_first_use_build(dist):
     local = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "fastgpt").rglob("__init__.py") if "__pycache__" not in str(p)}
     tracked = subprocess.run(["git", "ls-files", "fastgpt"], cwd=ROOT, capture_output=True, text=True).stdout
     assert {p for p in local if f"{p}/__init__.py" in tracked} <= packages
+
+
+def test_wheel_carries_the_license(dist):
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in dist["wheel"])
 
 
 def test_one_version(dist):

@@ -26,6 +26,13 @@ def test_ci_runs_the_readme_test_command():
     assert test in ci, ".ci/run must run the README's test command verbatim"
 
 
+def test_ci_runs_the_hugging_face_tests_and_the_downstream_install():
+    ci = (ROOT / ".ci" / "run").read_text()
+    (hf,) = [r.split(";")[0].strip() for r in importlib.metadata.requires("fastgpt") if 'extra == "hf"' in r]
+    assert f'pip install --quiet "{hf}"' in ci, "CI installs the hf extra's transformers, so those tests run"
+    assert "bash .ci/package_check" in ci
+
+
 def test_kernels_install_as_a_subpackage():
     kernels = importlib.import_module("fastgpt.kernels")
     assert Path(kernels.__file__).parent == ROOT / "kernels"
