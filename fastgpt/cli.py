@@ -1,20 +1,25 @@
-"""The ``fastgpt`` command: ``train``, ``sample``, ``info`` and ``bench``.
+"""The ``fastgpt`` command: ``train``, ``sample``, ``info``, ``build`` and ``bench``.
 
-Errors a user can fix (a missing data file, a corrupt or mismatched checkpoint, bad flags) end
-with one line on stderr and exit status 2, never a traceback.
+Errors a user can fix (a missing data file, a corrupt or mismatched checkpoint, bad flags or
+environment variables, an ``--out`` that cannot be written) end with one line on stderr and exit
+status 2, never a traceback; what can be checked before training starts is checked before it
+starts. Ctrl-C ends with a message and exit status 130.
 """
 
 import argparse
 import json
+import math
 import os
 import platform
+import re
 import sys
+import tempfile
 
 import torch
 
 from fastgpt.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, load_model
 from fastgpt.data import ByteDataset, DataError, decode, encode, read_text_file, stdlib_corpus
-from fastgpt import registry
+from fastgpt import ops, registry
 from fastgpt.train import PRESETS, Trainer, TrainConfig, build_config
 
 # model flags: (flag, GPTConfig field, type, help)
@@ -40,13 +45,78 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DEVICE_TYPES = ("cpu", "cuda")  # where the model runs; torch names more (meta, mps, ...) that fastgpt does not support
+
+
 def _check_device(device):
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
     try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {device}: {exc}") from exc
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: expected one of {', '.join(DEVICE_TYPES)} (or cuda:N)") from None
+    if parsed.type not in DEVICE_TYPES:
+        raise UsageError(f"--device {device}: fastgpt runs on {' or '.join(DEVICE_TYPES)}, not {parsed.type}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.index not in (None, 0):
+        raise UsageError(f"--device {device}: there is one CPU device, cpu")
+    return parsed
+
+
+def _check_environment():
+    """The environment variables fastgpt reads deep inside (at the first op or allocation), checked up front."""
+    backend = os.environ.get("FASTGPT_BACKEND")
+    if backend and backend not in registry.choices():
+        raise UsageError(f"FASTGPT_BACKEND={backend}: expected one of {', '.join(registry.choices())}")
+    # read by the native extension's CPU output cache (csrc/cpu/output_cache.cpp) at its first allocation
+    cache_mb = os.environ.get("FASTGPT_CPU_CACHE_MB")
+    if cache_mb and not re.fullmatch(r"\+?[0-9]+", cache_mb):
+        raise UsageError(f"FASTGPT_CPU_CACHE_MB={cache_mb}: expected a whole number of MiB (0 turns the cache off)")
+
+
+def _check_backend(backend, device, config):
+    """Refuse a backend (named by --backend or FASTGPT_BACKEND) that cannot run this model on ``device``.
+
+    Asks the backend about inputs shaped like the model's (the question ``fastgpt.ops`` asks before
+    running an op), so the answer comes before training instead of at the first step.
+    """
+    named_by = f"--backend {backend}"
+    if backend == "auto":
+        backend = os.environ.get("FASTGPT_BACKEND") or "auto"
+        named_by = f"FASTGPT_BACKEND={backend}"
+    if backend == "auto":
+        return
+    head_dim = config.d_model // config.n_heads
+    q = torch.zeros(1, config.n_heads, 2, head_dim, device=device)
+    kv = torch.zeros(1, config.n_kv_heads or config.n_heads, 2, head_dim, device=device)
+    x = torch.zeros(1, 2, config.d_model, device=device)
+    weight = torch.ones(config.d_model, device=device)
+    for op, inputs in (("attention", (q, kv, kv)), ("add_layer_norm", (x, x, weight, torch.zeros_like(weight)))):
+        reason = ops._unsupported_reason(op, backend, inputs)
+        if reason is not None:
+            raise UsageError(f"{named_by}: cannot run this model on {device}: {reason}")
+
+
+def _check_positive_finite(flag, value, allow_zero=False):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        expected = "a finite number >= 0" if allow_zero else "a finite number > 0"
+        raise UsageError(f"{flag} must be {expected}, got {value}")
+
+
+def _prepare_out(out):
+    """Create the --out folder and make sure a file can be written there, before any step is spent."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: is a file, expected a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"--out {out}: part of the path is a file, expected folders") from None
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
 
 
 # ----------------------------------------------------------------------------- train
@@ -90,12 +160,19 @@ def _resumed_config(args, ckpt_config):
 
 
 def run_train(args):
-    device = _check_device(args.device or default_device())
     for name in ("max_steps", "batch_size", "eval_interval"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    _check_positive_finite("--lr", args.lr)
+    if args.sample_tokens < 0:
+        raise UsageError(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
+    _check_environment()
+    device = _check_device(args.device or default_device())
     text = read_text_file(args.data) if args.data else stdlib_corpus()
     ckpt_file = os.path.join(args.out, "ckpt.safetensors")
+    if args.resume and not os.path.isfile(ckpt_file):
+        raise CheckpointError(f"no checkpoint at {ckpt_file}")
+    _prepare_out(args.out)
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(ckpt_file)
@@ -105,6 +182,7 @@ def run_train(args):
             config = build_config(args.preset or "small", **_model_overrides(args))
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
+    _check_backend(args.backend, device, config)
     cfg = TrainConfig(
         max_steps=args.max_steps,
         batch_size=args.batch_size,
@@ -133,7 +211,11 @@ def run_train(args):
     if args.sample_tokens:
         prompt = "def "
         model = trainer.model.eval()
-        out = model.generate(encode(prompt).long()[None].to(device), args.sample_tokens, temperature=0.8, top_k=40)
+        try:
+            out = model.generate(encode(prompt).long()[None].to(device), args.sample_tokens, temperature=0.8, top_k=40)
+        except KeyboardInterrupt:
+            print("interrupted while sampling; the checkpoint is saved", file=sys.stderr)
+            return 130
         print("sample:\n" + decode(out[0]))
     return 0
 
@@ -153,16 +235,23 @@ def add_sample_arguments(p):
 
 
 def run_sample(args):
-    device = _check_device(args.device or default_device())
-    if args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-        raise UsageError("--max-new-tokens and --temperature must be >= 0, --top-k >= 1")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    _check_positive_finite("--temperature", args.temperature, allow_zero=True)
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k must be a positive integer, got {args.top_k}")
     if not args.prompt:
         raise UsageError("--prompt must not be empty")
+    _check_environment()
+    device = _check_device(args.device or default_device())
     model, _ = load_model(checkpoint_path(args.ckpt), device=device, backend=args.backend)
+    _check_backend(args.backend, device, model.config)
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-    prompt = encode(args.prompt).long()[None].to(device)
+    # the model reads bytes: the prompt's own bytes, also when they are not UTF-8 (Python keeps
+    # such argv bytes as surrogate escapes, which os.fsencode turns back into the bytes typed)
+    prompt = encode(os.fsencode(args.prompt)).long()[None].to(device)
     out = model.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, generator)
     print(decode(out[0]))
     return 0
@@ -193,6 +282,10 @@ def run_info(args):
             print("backends:")
             for name, b in value.items():
                 print(f"  {name:<10} {'available  ' if b['available'] else 'unavailable'}  {b['reason']}")
+        elif isinstance(value, dict):
+            print(f"{key}:")
+            for name, item in value.items():
+                print(f"  {name}: {item}")
         else:
             print(f"{key}: {value}")
     return 0
@@ -206,11 +299,23 @@ def _version(module):
 
 
 def _extension_info():
+    from fastgpt import extension, native  # importing native loads (or builds) the extension
+
+    return extension.describe(native.LOADED)
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def run_build(args):
+    from fastgpt import extension
+
     try:
-        from fastgpt import _C
-    except ImportError as exc:
-        return f"not built ({exc})"
-    return _C.build_info()
+        origin, path = extension.build()
+    except (extension.BuildError, OSError) as exc:
+        raise UsageError(f"building fastgpt._C failed: {exc}") from None
+    print(f"fastgpt._C ({origin} build): {path}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- main
@@ -223,6 +328,7 @@ def build_parser():
     add_sample_arguments(sub.add_parser("sample", help="generate text from a checkpoint"))
     info = sub.add_parser("info", help="versions, device, extension and backends")
     info.add_argument("--json", action="store_true")
+    sub.add_parser("build", help="build the C++/CUDA extension fastgpt._C for this torch, if it is not built yet")
     try:
         from fastgpt import bench as bench_module
 
@@ -243,6 +349,8 @@ def main(argv=None):
             return run_sample(args)
         if args.command == "info":
             return run_info(args)
+        if args.command == "build":
+            return run_build(args)
         if getattr(args, "bench_unavailable", None):
             raise UsageError(f"fastgpt bench is unavailable: {args.bench_unavailable}")
         from fastgpt import bench
@@ -251,6 +359,9 @@ def main(argv=None):
     except (UsageError, DataError, CheckpointError) as exc:
         print(f"fastgpt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fastgpt {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
