@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import mmap
+import subprocess
 import sys
 from pathlib import Path
 
@@ -183,3 +184,118 @@ def test_cpu_records_count_page_faults_per_call():
     fresh, reuse = records
     assert fresh["page_faults_per_call"] >= 1
     assert reuse["page_faults_per_call"] < fresh["page_faults_per_call"]
+
+
+def test_eager_attention_baseline_matches_float64_reference():
+    """The eager baseline is timed as what a user writes; it must also compute attention: against the
+    float64 reference, causal (bottom-right, fewer queries than keys) and not, odd sizes, strided
+    inputs, output and the gradients autograd gives it."""
+    from fastgpt import reference
+
+    for causal, (seq_q, seq_k) in [(True, (7, 7)), (True, (5, 13)), (False, (9, 4))]:
+        q = torch.randn(2, 3, 17, seq_q).transpose(-2, -1)  # (2, 3, seq_q, 17), not contiguous
+        k, v = torch.randn(2, 3, seq_k, 17), torch.randn(2, 3, seq_k, 34)[..., ::2]
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = bench.eager_attention(q, k, v, causal)
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+        q64, k64, v64, grad64 = (t.detach().double() for t in (q, k, v, grad))
+        scale = 17**-0.5
+        ref, lse = reference.attention_forward(q64, k64, v64, causal, scale)
+        ref_grads = reference.attention_backward(grad64, q64, k64, v64, ref, lse, causal, scale)
+        for name, actual, expected in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+            error = ((actual.double() - expected).norm() / expected.norm()).item()
+            assert error < 1e-5, (causal, seq_q, seq_k, name, error)
+
+
+def _run_bench_cli(*args):
+    """``python -m fastgpt bench ...`` in a subprocess, as a user runs it: (exit code, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastgpt", "bench", "--sizes", "tiny", "--device", "cpu", *args],
+        capture_output=True, text=True, timeout=300,
+    )
+    return proc.returncode, proc.stderr
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path):
+    not_a_folder = tmp_path / "results"
+    not_a_folder.write_text("mine")
+    code, err = _run_bench_cli("--op", "hf", "--out", str(not_a_folder))
+    assert code == 2, err
+    assert "Traceback" not in err and "--out" in err and "is a file" in err
+    assert not_a_folder.read_text() == "mine"
+    # a folder under that file cannot be made either
+    assert bench.main(["--sizes", "tiny", "--device", "cpu", "--out", str(not_a_folder / "sub")]) == 2
+
+
+def test_existing_results_are_not_overwritten_unless_asked(tmp_path, monkeypatch, capsys):
+    earlier = tmp_path / "results.json"
+    earlier.write_text('{"earlier": "run"}')
+    argv = ["--sizes", "tiny", "--device", "cpu", "--op", "hf", "--out", str(tmp_path)]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "results.json" in err and "--overwrite" in err and "--json-name" in err
+    assert earlier.read_text() == '{"earlier": "run"}'
+    # --overwrite replaces it (the op stubbed out: only the file handling is tested here)
+    monkeypatch.setitem(bench.cli.OPS, "hf", lambda settings, emit: None)
+    assert bench.main(argv + ["--overwrite"]) == 0
+    assert json.loads(earlier.read_text())["schema"] == bench.SCHEMA
+    assert not (tmp_path / "results.json.tmp").exists()
+
+
+@pytest.mark.parametrize("name", ["../escape.json", "sub/results.json", "/tmp/abs.json", "..", ""])
+def test_json_name_must_stay_inside_out(name, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--sizes", "tiny", "--device", "cpu", "--out", str(tmp_path / "out"), "--json-name", name])
+    assert exit_.value.code == 2
+    assert "--json-name" in capsys.readouterr().err
+    assert not (tmp_path / "escape.json").exists() and not (tmp_path / "out").exists()
+
+
+def test_hf_op_without_transformers_is_skipped_with_the_reason(monkeypatch):
+    from fastgpt.bench import hf
+    from fastgpt.integrations import huggingface
+
+    def missing():
+        raise ImportError('attn_implementation="fastgpt" needs transformers>=4.53: No module named transformers')
+
+    monkeypatch.setattr(huggingface, "register", missing)
+    records = []
+    hf.run(_six_reps_settings(), records.append)
+    assert [r["implementation"] for r in records] == list(hf.IMPLEMENTATIONS)
+    for r in records:
+        assert r["status"] == "skipped" and "transformers" in r["reason"] and "fastgpt[hf]" in r["reason"]
+        assert all(name in r for name in MEASUREMENT_FIELDS), r
+
+
+def test_hf_op_tiny(tmp_path):
+    """`fastgpt bench --op hf` at the tiny size: every pass, batch 1 and a left-padded batch, each
+    attention implementation timed, and where fastgpt's attention ran counted honestly."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install 'fastgpt[hf]')")
+    from fastgpt.bench import hf
+
+    assert bench.main(["--sizes", "tiny", "--device", "cpu", "--op", "hf", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    records = data["measurements"]
+    assert {r["op"] for r in records} == {"hf"}
+    _, _, new_tokens, batches = hf.hf_sizes("cpu", "tiny")
+    assert len(records) == len(hf.PASSES) * len(batches) * len(hf.IMPLEMENTATIONS)
+    for r in records:
+        assert r["status"] == "ok", r
+        for name in MEASUREMENT_FIELDS + TIMING_FIELDS:
+            assert name in r, (name, r)
+        assert r["tokens_per_s"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+    ours = [r for r in records if r["implementation"] == "fastgpt"]
+    for r in ours:
+        assert r["kind"] == "fastgpt" and set(r["speedup"]) == {"sdpa", "eager"}
+        calls = r["attention_calls"]
+        if r["shape"]["padding"] == "none":  # no mask: every layer's attention on fastgpt
+            assert calls["fastgpt"] > 0 and calls["sdpa_fallback"] == 0, r
+        else:  # a padded batch carries a mask: all of it on transformers' SDPA, and the record says so
+            assert r["shape"]["batch"] > 1 and calls["fastgpt"] == 0 and calls["sdpa_fallback"] > 0, r
+            assert "SDPA" in r["note"]
+        if r["pass"] == "generate":
+            assert r["tokens"] == r["shape"]["batch"] * new_tokens
+            assert r["same_tokens_as_sdpa"] is True  # fp32 greedy decoding: the same tokens
+    table = hf.markdown_table(data)
+    assert "| generate | 4 (left-padded) |" in table and "| prefill | 1 |" in table

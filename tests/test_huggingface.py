@@ -9,6 +9,8 @@ import warnings
 import pytest
 import torch
 
+from attention_spy import attention_calls  # noqa: F401 - a fixture
+
 import fastgpt
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'fastgpt[hf]')")
@@ -54,20 +56,6 @@ def same_weights(config, dtype=torch.float32):
     sdpa.load_state_dict(fast.state_dict())
     assert fast.config._attn_implementation == "fastgpt"
     return fast.eval(), sdpa.eval()
-
-
-@pytest.fixture
-def attention_calls(monkeypatch):
-    """The shapes of q for every fastgpt.ops.attention call."""
-    calls = []
-    real = fastgpt.ops.attention
-
-    def spy(q, k, v, **kwargs):
-        calls.append(tuple(q.shape))
-        return real(q, k, v, **kwargs)
-
-    monkeypatch.setattr(fastgpt.ops, "attention", spy)
-    return calls
 
 
 def relative_error(actual, expected):

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attention_spy import attention_calls  # noqa: F401 - a fixture
+
 import fastgpt
 from fastgpt import patching
 
@@ -19,19 +21,6 @@ def unpatched_before_and_after():
     yield
     fastgpt.unpatch_sdpa()
     assert F.scaled_dot_product_attention is TORCH_SDPA, "a test left torch's SDPA patched"
-
-
-@pytest.fixture
-def attention_calls(monkeypatch):
-    calls = []
-    real = fastgpt.ops.attention
-
-    def spy(q, k, v, **kwargs):
-        calls.append(tuple(q.shape))
-        return real(q, k, v, **kwargs)
-
-    monkeypatch.setattr(fastgpt.ops, "attention", spy)
-    return calls
 
 
 class NanoAttention(torch.nn.Module):

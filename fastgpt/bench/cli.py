@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from fastgpt.bench import add_layer_norm, attention, model
+from fastgpt.bench import add_layer_norm, attention, hf, model
 from fastgpt.bench.machine import best_ceilings, last_level_cache_bytes, machine_info, measure_ceilings
 from fastgpt.bench.plots import write_plots
 from fastgpt.bench.records import SCHEMA, add_ratios
@@ -28,7 +28,11 @@ OPS = {
     "attention": attention.run,
     "add_layer_norm": add_layer_norm.run,
     "model": model.run,
+    "hf": hf.run,
 }
+# `--op all`: fastgpt's own ops. The Hugging Face model needs the optional transformers and takes
+# minutes, so it runs only when named.
+ALL_OPS = ("attention", "add_layer_norm", "model")
 
 
 def settings_for(device, sizes, no_compile=False, dtypes=None):
@@ -62,9 +66,25 @@ def dtype_list(text):
         raise argparse.ArgumentTypeError(message) from exc
 
 
+def json_name(text):
+    """The file name of ``--json-name``: a plain name, so the JSON stays inside ``--out``."""
+    separators = [sep for sep in (os.sep, os.altsep, "/") if sep]
+    if not text or text in (".", "..") or any(sep in text for sep in separators):
+        raise argparse.ArgumentTypeError(
+            f"--json-name takes a file name without a folder (the file is written inside --out), got {text!r}"
+        )
+    return text
+
+
 def add_arguments(parser):
     """The options of ``fastgpt bench``."""
-    parser.add_argument("--op", choices=tuple(OPS) + ("all",), default="all", help="what to time (default: all)")
+    parser.add_argument(
+        "--op",
+        choices=tuple(OPS) + ("all",),
+        default="all",
+        help=f"what to time (default: all = {', '.join(ALL_OPS)}; hf: a Hugging Face Llama-style model, "
+        "needs transformers)",
+    )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu"
     )
@@ -85,7 +105,35 @@ def add_arguments(parser):
     parser.add_argument(
         "--out", default="benchmarks/results", help="folder for the JSON and the PNGs (default: benchmarks/results)"
     )
-    parser.add_argument("--json-name", default="results.json", help="file name of the JSON inside --out")
+    parser.add_argument(
+        "--json-name",
+        type=json_name,
+        default="results.json",
+        help="file name of the JSON inside --out (a name, no folder); an existing file of that name is "
+        "not overwritten: the run refuses to start unless --overwrite is given",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json-name file in --out")
+
+
+def output_problem(out, json_path, overwrite):
+    """Why the run cannot write its JSON to ``json_path`` in the folder ``out`` (None: it can),
+    found before anything is measured. Creates ``out`` when it is missing."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out!r} is a file, not a folder"
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        return f"--out {out!r}: cannot create the folder: {exc.strerror or exc}"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return f"--out {out!r}: the folder is not writable"
+    if os.path.isdir(json_path):
+        return f"{json_path!r} is a folder: pick another --json-name"
+    if os.path.exists(json_path) and not overwrite:
+        return (
+            f"{json_path!r} exists (an earlier run's results): pick another --json-name or --out, "
+            "or pass --overwrite to replace it"
+        )
+    return None
 
 
 def run(args, argv=None):
@@ -95,11 +143,15 @@ def run(args, argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         print("fastgpt bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
+    json_path = os.path.join(args.out, args.json_name)
+    problem = output_problem(args.out, json_path, args.overwrite)
+    if problem:
+        print(f"fastgpt bench: {problem}", file=sys.stderr)
+        return 2
     sizes = args.sizes or ("quick" if args.quick else "full")
     settings = settings_for(device, sizes, args.no_compile, args.dtype)
-    os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
-    wanted = tuple(OPS) if args.op == "all" else (args.op,)
+    wanted = ALL_OPS if args.op == "all" else (args.op,)
     print(f"fastgpt bench: {', '.join(wanted)} on {device} ({sizes} sizes) -> {args.out}", flush=True)
     ceilings = measure_ceilings(settings)
     print(
@@ -124,15 +176,16 @@ def run(args, argv=None):
         "notes": settings.notes,
         "plots": [],
     }
-    json_path = os.path.join(args.out, args.json_name)
     last_write = [0.0]
 
     def write_json(force=False):
-        # every few seconds and at the end, so a run stopped by a timeout keeps what it measured
+        # every few seconds and at the end, so a run stopped by a timeout keeps what it measured;
+        # through a temporary file, so a run killed while writing leaves the previous JSON whole
         if force or time.perf_counter() - last_write[0] > 5:
             add_ratios(results["measurements"], ceilings)
-            with open(json_path, "w") as f:
+            with open(json_path + ".tmp", "w") as f:
                 json.dump(results, f, indent=1)
+            os.replace(json_path + ".tmp", json_path)
             last_write[0] = time.perf_counter()
 
     def log(rec):
@@ -160,7 +213,11 @@ def run(args, argv=None):
     write_json(force=True)
     records = results["measurements"]
     print()
-    print(markdown_table(results))
+    # the kernel and model tables know nothing of the hf op's records: it renders its own
+    print(markdown_table(dict(results, measurements=[r for r in records if r["op"] != "hf"])))
+    if any(r["op"] == "hf" for r in records):
+        print()
+        print(hf.markdown_table(results))
     for note in results["notes"]:
         print(f"note: {note}")
     failed = [r for r in records if r.get("status") == "error"]
