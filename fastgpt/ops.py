@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgpt import registry
+from fastgpt import auto_rule, registry
 from fastgpt.contract import residual_stream_dtype
 
 
@@ -38,8 +38,9 @@ def backends():
     return report
 
 
-def _unsupported_reason(op, name, args):
-    """None when backend ``name`` can run ``op`` on ``args``, else why not."""
+def unsupported_reason(op, name, args):
+    """None when backend ``name`` can run ``op`` (``"attention"`` or ``"add_layer_norm"``) on
+    ``args`` (the op's tensors as its ``*_unsupported`` takes them), else why not."""
     backend = registry.get(name)
     ok, reason = backend.availability()
     if not ok:
@@ -52,6 +53,8 @@ def _unsupported_reason(op, name, args):
         return f"cannot import {backend.modules[op]}: {exc}"
     return getattr(impl, f"{op}_unsupported")(*args)
 
+
+_unsupported_reason = unsupported_reason  # TODO(lead): drop once fastgpt/cli.py uses the public name
 
 _warned = set()
 
@@ -84,24 +87,64 @@ def _environment_backend():
     return name
 
 
-def _resolve(op, backend, args):
-    """The implementation module that runs ``op``: the named backend, or ``auto``'s choice."""
+def _resolve(op, backend, args, training=True):
+    """The implementation module that runs ``op``: the named backend, or ``auto``'s choice.
+
+    ``training``: whether a backward will follow (``auto``'s table may pick differently for
+    inference). Decisions are remembered per backend, registry state and the tensors' device,
+    dtype and shape, so a call costs a dictionary lookup once its kind has been seen.
+    """
     if backend == "auto":
         backend = _environment_backend()
+    key = (op, backend, training, registry.version(), *(None if t is None else (t.device, t.dtype, t.shape) for t in args))
+    decision = _decisions.get(key)
+    if decision is None:
+        decision = _decide(op, backend, args, training)
+        if len(_decisions) >= _DECISIONS_KEPT:  # shapes that keep changing (a growing KV cache)
+            _decisions.clear()
+        _decisions[key] = decision
+    _name, impl, warning = decision
+    if warning is not None:
+        _warn_once(warning)
+    return impl
+
+
+def auto_choice(op, args, training=False):
+    """The name of the backend ``auto`` runs ``op`` on for ``args`` (the op's tensors, as its
+    ``*_unsupported`` takes them), and whether a backward follows; ``fastgpt info`` shows a few."""
+    return _decide(op, "auto", args, training)[0]
+
+
+_decisions = {}
+_DECISIONS_KEPT = 4096
+
+
+def forget_decisions():
+    """Decide again on the next calls (after a table or a backend's availability changed)."""
+    _decisions.clear()
+    auto_rule.forget_tables()
+
+
+def _decide(op, backend, args, training):
+    """(backend name, implementation module, fallback warning or None) for one kind of call."""
     if backend != "auto":
-        reason = _unsupported_reason(op, backend, args)
+        reason = unsupported_reason(op, backend, args)
         if reason is not None:
             raise BackendError(f"fastgpt.ops.{op}: backend {backend!r} cannot run these inputs: {reason}")
-        return registry.get(backend).module(op)
+        return backend, registry.get(backend).module(op), None
+    candidates = [b.name for b in registry.auto_candidates(args[0].device.type)]
+    preferred = auto_rule.preferred_backend(op, args, training)
+    if preferred in candidates:  # measured fastest for this kind of call: try it first
+        candidates.remove(preferred)
+        candidates.insert(0, preferred)
     reasons = []
-    for candidate in registry.auto_candidates(args[0].device.type):
-        reason = _unsupported_reason(op, candidate.name, args)
+    for name in candidates:
+        reason = unsupported_reason(op, name, args)
         if reason is None:
-            return candidate.module(op)
-        reasons.append(f"{candidate.name}: {reason}")
-    if reasons:
-        _warn_once(f"fastgpt.ops.{op} falls back to the {registry.FALLBACK} backend ({'; '.join(reasons)})")
-    return registry.get(registry.FALLBACK).module(op)
+            return name, registry.get(name).module(op), None
+        reasons.append(f"{name}: {reason}")
+    warning = f"fastgpt.ops.{op} falls back to the {registry.FALLBACK} backend ({'; '.join(reasons)})" if reasons else None
+    return registry.FALLBACK, registry.get(registry.FALLBACK).module(op), warning
 
 
 # a process-wide choice (not per thread): autograd may run a backward on another thread, and it
@@ -156,16 +199,23 @@ def _check_same(name, t, ref_name, ref):
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
 
 
+def _needs_grad(*tensors):
+    """Whether a backward can follow this call (what ``auto``'s table calls training)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 # ----------------------------------------------------------------------------- attention
 
 
 @torch.library.custom_op("fastgpt::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
-    return _resolve("attention", backend, (q, k, v)).attention_forward(q, k, v, causal, scale)
+def _attention_op(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, backend: str, training: bool = False
+) -> Tuple[Tensor, Tensor]:
+    return _resolve("attention", backend, (q, k, v), training).attention_forward(q, k, v, causal, scale)
 
 
 @_attention_op.register_fake
-def _(q, k, v, causal, scale, backend):
+def _(q, k, v, causal, scale, backend, training=False):
     b, h, s, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32)
 
@@ -174,7 +224,7 @@ def _(q, k, v, causal, scale, backend):
 def _attention_backward_op(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    impl = _resolve("attention", backend, (q, k, v))
+    impl = _resolve("attention", backend, (q, k, v), training=True)  # the forward's choice
     return impl.attention_backward(do, q, k, v, o, lse, causal, scale)
 
 
@@ -184,7 +234,7 @@ def _(do, q, k, v, o, lse, causal, scale, backend):
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, backend = inputs
+    q, k, v, causal, scale, backend, _training = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
@@ -194,10 +244,27 @@ def _attention_setup_context(ctx, inputs, output):
 def _attention_autograd(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.fastgpt.attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_op.register_autograd(_attention_autograd, setup_context=_attention_setup_context)
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """The eager path: the same forward and backward as the custom op, without its dispatch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, impl):
+        o, lse = impl.attention_forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale, ctx.impl = causal, scale, impl
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.impl.attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None
 
 
 def attention(q, k, v, *, causal=True, scale=None, backend="auto"):
@@ -231,8 +298,15 @@ def attention(q, k, v, *, causal=True, scale=None, backend="auto"):
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    o, _ = torch.ops.fastgpt.attention(q, k, v, bool(causal), float(scale), backend)
-    return o
+    causal, scale = bool(causal), float(scale)
+    training = _needs_grad(q, k, v)
+    if torch.compiler.is_compiling():  # one opaque node in the graph
+        o, _ = torch.ops.fastgpt.attention(q, k, v, causal, scale, backend, training)
+        return o
+    impl = _resolve("attention", backend, (q, k, v), training)
+    if not training:
+        return impl.attention_forward(q, k, v, causal, scale)[0]
+    return _AttentionFunction.apply(q, k, v, causal, scale, impl)
 
 
 def scaled_dot_product_attention(
@@ -278,13 +352,14 @@ def _add_layer_norm_op(
     is_rms_norm: bool,
     residual_in_fp32: bool,
     backend: str,
+    training: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = _resolve("add_layer_norm", backend, (x, residual, weight, bias))
+    impl = _resolve("add_layer_norm", backend, (x, residual, weight, bias), training)
     return impl.add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32)
 
 
 @_add_layer_norm_op.register_fake
-def _(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, backend):
+def _(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, backend, training=False):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=residual_stream_dtype(x.dtype, residual_in_fp32)), stats, stats.clone()
 
@@ -301,7 +376,7 @@ def _add_layer_norm_backward_op(
     is_rms_norm: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    impl = _resolve("add_layer_norm", backend, (h, h, weight, bias))
+    impl = _resolve("add_layer_norm", backend, (h, h, weight, bias), training=True)  # the forward's choice
     dx, dweight, dbias = impl.add_layer_norm_backward(dy, dh, h, weight, bias, mean, rstd, is_rms_norm)
     # a custom op returns tensors, not None: absent parameters get an empty gradient
     return dx, h.new_empty(0) if dweight is None else dweight, h.new_empty(0) if dbias is None else dbias
@@ -316,7 +391,7 @@ def _(dy, dh, h, weight, bias, mean, rstd, is_rms_norm, backend):
 
 
 def _add_layer_norm_setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, backend = inputs
+    x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, backend, _training = inputs
     _, h, mean, rstd = output
     ctx.save_for_backward(h, weight, bias, mean, rstd)
     ctx.is_rms_norm, ctx.backend = is_rms_norm, backend
@@ -325,26 +400,45 @@ def _add_layer_norm_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # post-norm never uses h: skip reading a zero dh
 
 
-def _add_layer_norm_autograd(ctx, dy, dh, _dmean, _drstd):
+def _add_layer_norm_grads(backward, ctx, dy, dh):
+    """The gradients of x, residual, weight and bias, given ``backward`` (the op or a backend's)."""
     h, weight, bias, mean, rstd = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(h, dtype=ctx.x_dtype)
-    dx, dweight, dbias = torch.ops.fastgpt.add_layer_norm_backward(
-        dy, dh, h, weight, bias, mean, rstd, ctx.is_rms_norm, ctx.backend
-    )
+    dx, dweight, dbias = backward(dy, dh, h, weight, bias, mean, rstd, ctx.is_rms_norm)
     return (
         dx.to(ctx.x_dtype),
         dx.to(ctx.residual_dtype),
         dweight if weight is not None else None,
         dbias if bias is not None else None,
-        None,
-        None,
-        None,
-        None,
     )
 
 
+def _add_layer_norm_autograd(ctx, dy, dh, _dmean, _drstd):
+    def backward(*args):
+        return torch.ops.fastgpt.add_layer_norm_backward(*args, ctx.backend)
+
+    return _add_layer_norm_grads(backward, ctx, dy, dh) + (None,) * 5
+
+
 _add_layer_norm_op.register_autograd(_add_layer_norm_autograd, setup_context=_add_layer_norm_setup_context)
+
+
+class _AddLayerNormFunction(torch.autograd.Function):
+    """The eager path: the same forward and backward as the custom op, without its dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, impl):
+        y, h, mean, rstd = impl.add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32)
+        ctx.save_for_backward(h, weight, bias, mean, rstd)
+        ctx.is_rms_norm, ctx.impl = is_rms_norm, impl
+        ctx.x_dtype, ctx.residual_dtype = x.dtype, residual.dtype
+        ctx.set_materialize_grads(False)  # post-norm never uses h: skip reading a zero dh
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        return _add_layer_norm_grads(ctx.impl.add_layer_norm_backward, ctx, dy, dh) + (None,) * 4
 
 
 def _add_norm(op_name, x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, backend):
@@ -370,10 +464,17 @@ def _add_norm(op_name, x, residual, weight, bias, eps, is_rms_norm, residual_in_
             raise ValueError(f"{name} must be on the device of x ({x.device}), got {p.device}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    y, h, _, _ = torch.ops.fastgpt.add_layer_norm(
-        x, residual, weight, bias, float(eps), is_rms_norm, bool(residual_in_fp32), backend
-    )
-    return y, h
+    eps, residual_in_fp32 = float(eps), bool(residual_in_fp32)
+    training = _needs_grad(x, residual, weight, bias)
+    if torch.compiler.is_compiling():  # one opaque node in the graph
+        y, h, _, _ = torch.ops.fastgpt.add_layer_norm(
+            x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, backend, training
+        )
+        return y, h
+    impl = _resolve("add_layer_norm", backend, (x, residual, weight, bias), training)
+    if not training:
+        return impl.add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32)[:2]
+    return _AddLayerNormFunction.apply(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, impl)
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, *, residual_in_fp32=False, backend="auto"):

@@ -50,15 +50,23 @@ def _import(module_name):
 
 
 _BACKENDS = {}
+_version = 0  # changes with every registration, so decisions taken before it are not reused
+
+
+def version():
+    return _version
 
 
 def register_backend(backend, *, replace=False):
-    """Add ``backend`` to the registry (after the ones already there). Returns it."""
+    """Add ``backend`` to the registry (after the ones already there; in its old place when it
+    replaces one). Returns it."""
+    global _version
     if not isinstance(backend, Backend):
         raise TypeError(f"backend must be a fastgpt.registry.Backend, got {type(backend).__name__}")
     if backend.name in _BACKENDS and not replace:
         raise ValueError(f"a backend named {backend.name!r} is already registered (pass replace=True)")
     _BACKENDS[backend.name] = backend
+    _version += 1
     return backend
 
 
@@ -66,9 +74,11 @@ def unregister_backend(name):
     """Remove a registered backend; the fallback cannot be removed."""
     if name == FALLBACK:
         raise ValueError(f"the {FALLBACK!r} backend is the fallback and cannot be unregistered")
+    global _version
     if name not in _BACKENDS:
         raise KeyError(f"no backend named {name!r} is registered (registered: {', '.join(_BACKENDS)})")
     del _BACKENDS[name]
+    _version += 1
 
 
 def names():
@@ -138,6 +148,7 @@ register_backend(
         "torch",
         {"attention": "fastgpt.torch_kernels", "add_layer_norm": "fastgpt.torch_kernels"},
         _always("torch's own kernels (scaled_dot_product_attention, layer_norm, rms_norm)"),
+        auto_devices=("cuda", "cpu"),
         description="torch's own kernels behind fastgpt's contract: the baseline fastgpt is measured against",
     )
 )

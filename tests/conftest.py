@@ -62,7 +62,7 @@ def skip_unless_runs(backend, device, dtype=None):
 def skip_unless_supports(op, backend, *args):
     """Skip (saying why) when ``backend`` declines these inputs: e.g. the CUDA build of the native
     attention takes half precision only, and Triton runs CPU tensors only in its interpreter."""
-    reason = ops._unsupported_reason(op, backend, args)
+    reason = ops.unsupported_reason(op, backend, args)
     if reason is not None:
         pytest.skip(f"{backend} backend does not run these inputs: {reason}")
 

@@ -124,7 +124,7 @@ def test_use_backend_picks_the_backend_of_auto(monkeypatch):
     model = tiny_model(backend="auto")
     picked = []
     real_resolve = ops._resolve
-    monkeypatch.setattr(ops, "_resolve", lambda op, backend, args: picked.append(backend) or real_resolve(op, backend, args))
+    monkeypatch.setattr(ops, "_resolve", lambda op, backend, args, training: picked.append(backend) or real_resolve(op, backend, args, training))
     idx = torch.randint(0, 256, (1, 5))
     with fastgpt.use_backend("reference"):
         with fastgpt.use_backend("torch"):

@@ -11,10 +11,23 @@ import fastgpt
 from fastgpt import ops, registry
 
 
+@pytest.fixture
+def install():
+    """Register backends for one test (replacing any of the same name) through the public API, so
+    ops forget their decisions, and put the registry back afterwards the same way."""
+    saved = dict(registry._BACKENDS)
+    yield lambda backend: registry.register_backend(backend, replace=True)
+    for name in registry.names():
+        if name not in saved:
+            registry.unregister_backend(name)
+        elif registry.get(name) is not saved[name]:
+            registry.register_backend(saved[name], replace=True)
+
+
 def test_built_in_backends_and_auto_order():
     assert registry.names()[:4] == ("triton", "native", "torch", "reference")
-    assert [b.name for b in registry.auto_candidates("cuda")] == ["triton", "native"]
-    assert [b.name for b in registry.auto_candidates("cpu")] == ["native"]
+    assert [b.name for b in registry.auto_candidates("cuda")] == ["triton", "native", "torch"]
+    assert [b.name for b in registry.auto_candidates("cpu")] == ["native", "torch"]
     assert registry.choices()[0] == "auto"
 
 
@@ -31,31 +44,25 @@ def test_a_registered_backend_runs_through_the_public_ops():
         assert wrapper_backend.calls[name] == before.get(name, 0) + 1, name
 
 
-def test_auto_tries_a_backend_registered_for_the_device(monkeypatch):
-    monkeypatch.setitem(
-        registry._BACKENDS,
-        "first_on_cpu",
-        registry.Backend("first_on_cpu", {"attention": "wrapper_backend"}, lambda: (True, "test"), auto_devices=("cpu",)),
-    )
-    assert [b.name for b in registry.auto_candidates("cpu")] == ["native", "first_on_cpu"]
-    native_off = dataclasses.replace(registry.get("native"), availability=lambda: (False, "switched off"))
-    monkeypatch.setitem(registry._BACKENDS, "native", native_off)
+def test_auto_tries_a_backend_registered_for_the_device(install):
+    install(registry.Backend("first_on_cpu", {"attention": "wrapper_backend"}, lambda: (True, "test"), auto_devices=("cpu",)))
+    assert [b.name for b in registry.auto_candidates("cpu")] == ["native", "torch", "first_on_cpu"]
+    for name in ("native", "torch"):
+        install(dataclasses.replace(registry.get(name), availability=lambda: (False, "switched off")))
     before = wrapper_backend.calls["attention_forward"]
     ops.attention(torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8))
     assert wrapper_backend.calls["attention_forward"] == before + 1
 
 
-def test_a_backend_without_an_op_declines_it(monkeypatch):
-    only_attention = registry.Backend("only_attention", {"attention": "wrapper_backend"}, lambda: (True, "test"))
-    monkeypatch.setitem(registry._BACKENDS, "only_attention", only_attention)
+def test_a_backend_without_an_op_declines_it(install):
+    install(registry.Backend("only_attention", {"attention": "wrapper_backend"}, lambda: (True, "test")))
     x = torch.randn(2, 8)
     with pytest.raises(fastgpt.BackendError, match="does not implement add_layer_norm"):
         ops.add_layer_norm(x, x, backend="only_attention")
 
 
-def test_unavailable_backend_says_why(monkeypatch):
-    missing = registry.Backend("missing", {"attention": "no.such.module"}, lambda: (False, "not installed here"))
-    monkeypatch.setitem(registry._BACKENDS, "missing", missing)
+def test_unavailable_backend_says_why(install):
+    install(registry.Backend("missing", {"attention": "no.such.module"}, lambda: (False, "not installed here")))
     q = torch.randn(1, 1, 2, 8)
     with pytest.raises(fastgpt.BackendError, match="not installed here"):
         ops.attention(q, q, q, backend="missing")
