@@ -24,10 +24,11 @@ def format_line(rec):
 
 def _shape_text(shape):
     if "n_layers" in shape:
-        return (
-            f"{shape['n_layers']} layers, d_model {shape['d_model']}, "
-            f"context {shape['context_length']}, batch {shape['batch']}"
+        heads = f"{shape['n_heads']}/{shape['n_kv_heads']} heads, " if "n_heads" in shape else ""
+        tokens = (
+            f"prompt {shape['prompt']} + {shape['new_tokens']} new" if "prompt" in shape else f"context {shape['context_length']}"
         )
+        return f"{shape['n_layers']} layers, d_model {shape['d_model']}, {heads}{tokens}, batch {shape['batch']}"
     keys = ("batch", "heads", "seq", "head_dim", "rows", "hidden")
     text = "×".join(str(shape[k]) for k in keys if k in shape)
     return text + (" causal" if shape.get("causal") else "") if "causal" in shape else text
@@ -107,13 +108,13 @@ def markdown_table(results, compact=False):
     if model:
         lines += [
             "",
-            "| GPT training step | shape | dtype | tokens/s | peak memory | vs plain torch | vs torch.compile |",
-            "|---|---|---|---:|---:|---:|---:|",
+            "| GPT | pass | shape | dtype | tokens/s | peak memory | vs plain torch | vs torch.compile |",
+            "|---|---|---|---|---:|---:|---:|---:|",
         ]
         for r in model:
             mem = f"{r['peak_memory_bytes'] / 2**20:.0f} MiB" if r.get("peak_memory_bytes") else "–"
             lines.append(
-                f"| {r['implementation']} | {_shape_text(r['shape'])} | {r['dtype']} "
+                f"| {r['implementation']} | {r.get('pass', 'train_step')} | {_shape_text(r['shape'])} | {r['dtype']} "
                 f"| {r['tokens_per_s']:.0f} | {mem} | {_ratio(r, 'torch')} | {_ratio(r, 'torch.compile')} |"
             )
     not_ok = [r for r in results["measurements"] if r.get("status") != "ok"]
