@@ -35,9 +35,13 @@ def _dtype_name(dtype):
     return str(dtype).removeprefix("torch.")
 
 
+def _attention_kind(seq_q, seq_k):
+    return "decode" if seq_q <= DECODE_MAX_QUERIES else "short" if seq_k <= SHORT_MAX_KEYS else "long"
+
+
 def attention_bucket(q, k, training):
     seq_q, seq_k, head_dim = q.shape[2], k.shape[2], q.shape[3]
-    kind = "decode" if seq_q <= DECODE_MAX_QUERIES else "short" if seq_k <= SHORT_MAX_KEYS else "long"
+    kind = _attention_kind(seq_q, seq_k)
     return f"attention/{_dtype_name(q.dtype)}/{'train' if training else 'infer'}/{kind}/d{64 if head_dim <= 64 else 128}"
 
 
@@ -46,6 +50,20 @@ def add_layer_norm_bucket(x, training):
     width = "h512" if hidden <= 512 else "h2048" if hidden <= 2048 else "wide"
     size = "few" if rows <= FEW_ROWS else "many"
     return f"add_layer_norm/{_dtype_name(x.dtype)}/{'train' if training else 'infer'}/{size}/{width}"
+
+
+def decision_key(op, args):
+    """What a decision of ``auto`` is remembered by, besides the device and the dtypes: every size
+    except the sequence lengths (attention) and the row count (add+LayerNorm), which count only
+    through their bucket, so that a growing KV cache does not decide again at every token. (So a
+    backend's ``*_unsupported`` must not depend on them: docs/architecture.md, the contract.)"""
+    if op == "attention":
+        q, k = args[0], args[1]
+        batch, heads, seq_q, head_dim = q.shape
+        return batch, heads, k.shape[1], head_dim, _attention_kind(seq_q, k.shape[2])
+    x = args[0]
+    hidden = x.shape[-1]
+    return x.dim(), hidden, x.numel() <= FEW_ROWS * hidden
 
 
 def bucket(op, args, training):

@@ -91,16 +91,19 @@ def _resolve(op, backend, args, training=True):
     """The implementation module that runs ``op``: the named backend, or ``auto``'s choice.
 
     ``training``: whether a backward will follow (``auto``'s table may pick differently for
-    inference). Decisions are remembered per backend, registry state and the tensors' device,
-    dtype and shape, so a call costs a dictionary lookup once its kind has been seen.
+    inference). Decisions are remembered per backend, registry state, device, dtypes and sizes
+    (``auto_rule.decision_key``), so a call costs a dictionary lookup once its kind has been seen.
     """
     if backend == "auto":
         backend = _environment_backend()
-    key = (op, backend, training, registry.version(), *(None if t is None else (t.device, t.dtype, t.shape) for t in args))
+    key = (
+        op, backend, training, registry.version(), args[0].device,
+        *[None if t is None else t.dtype for t in args], *auto_rule.decision_key(op, args),
+    )
     decision = _decisions.get(key)
     if decision is None:
         decision = _decide(op, backend, args, training)
-        if len(_decisions) >= _DECISIONS_KEPT:  # shapes that keep changing (a growing KV cache)
+        if len(_decisions) >= _DECISIONS_KEPT:  # a process that sees ever new sizes stays bounded
             _decisions.clear()
         _decisions[key] = decision
     _name, impl, warning = decision

@@ -126,3 +126,15 @@ def test_typical_choices_name_registered_backends(fresh_decisions):
     for op, description, bucket, backend in rows:
         assert bucket.startswith(op + "/float32/") and description
         assert backend in registry.names()
+
+
+def test_a_growing_kv_cache_is_decided_once(fresh_decisions, monkeypatch):
+    asked = []
+    monkeypatch.setattr(auto_rule, "preferred_backend", lambda op, args, training: asked.append(args[1].shape[2]))
+    q = torch.randn(1, 4, 1, 16)
+    cache = torch.randn(1, 2, 40, 16)
+    for length in range(10, 30):
+        ops.attention(q, cache[:, :, :length], cache[:, :, :length])
+    assert asked == [10]
+    ops.attention(torch.randn(1, 4, 8, 16), cache, cache)  # a prefill is another bucket
+    assert asked == [10, 40]
