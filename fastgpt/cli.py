@@ -3,7 +3,9 @@
 Errors a user can fix (a missing data file, a corrupt or mismatched checkpoint, bad flags or
 environment variables, an ``--out`` that cannot be written) end with one line on stderr and exit
 status 2, never a traceback; what can be checked before training starts is checked before it
-starts. Ctrl-C ends with a message and exit status 130.
+starts. ``train`` holds a lock on its ``--out`` folder; SIGINT (Ctrl-C) or SIGTERM stops it after
+the step under way and saves (exit status 130 or 143), a training step whose loss or gradients are
+not finite stops it with exit status 2 (``--skip-nonfinite`` skips such steps). See docs/reliability.md.
 """
 
 import argparse
@@ -13,14 +15,14 @@ import os
 import platform
 import re
 import sys
-import tempfile
 
 import torch
 
-from fastgpt.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, load_model
+from fastgpt.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, load_model, remove_interrupted_saves
 from fastgpt.data import ByteDataset, DataError, decode, encode, read_text_file, stdlib_corpus
 from fastgpt import ops, registry
-from fastgpt.train import PRESETS, Trainer, TrainConfig, build_config
+from fastgpt.run_lock import FolderInUse, RunLock
+from fastgpt.train import PRESETS, Interrupted, Trainer, TrainConfig, TrainingDiverged, build_config
 
 # model flags: (flag, GPTConfig field, type, help)
 MODEL_FLAGS = [
@@ -105,16 +107,18 @@ def _check_positive_finite(flag, value, allow_zero=False):
         raise UsageError(f"{flag} must be {expected}, got {value}")
 
 
-def _prepare_out(out):
-    """Create the --out folder and make sure a file can be written there, before any step is spent."""
+def _lock_out(out):
+    """Create the --out folder and take its run lock (which also proves a file can be written
+    there), before any step is spent. Returns the held ``RunLock``."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out}: is a file, expected a folder")
     try:
         os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        return RunLock(out).acquire()
     except (FileExistsError, NotADirectoryError):
         raise UsageError(f"--out {out}: part of the path is a file, expected folders") from None
+    except FolderInUse as exc:
+        raise UsageError(f"--out {exc}") from None
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
 
@@ -138,6 +142,8 @@ def add_train_arguments(p):
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end (0: none)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip (and count) steps whose loss or gradients are NaN/inf instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -172,7 +178,38 @@ def run_train(args):
     ckpt_file = os.path.join(args.out, "ckpt.safetensors")
     if args.resume and not os.path.isfile(ckpt_file):
         raise CheckpointError(f"no checkpoint at {ckpt_file}")
-    _prepare_out(args.out)
+    lock = _lock_out(args.out)
+    try:
+        removed = remove_interrupted_saves(args.out)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) left by an interrupted save in {args.out}")
+        trainer = _trainer(args, device, text, ckpt_file)
+        try:
+            trainer.run(ckpt_file, progress=not args.no_progress)
+        except Interrupted as exc:
+            return 128 + exc.signum
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            if trainer.skipped:
+                print(f"skipped {trainer.skipped} step(s) whose loss or gradients were not finite")
+    finally:
+        lock.release()
+    print(f"checkpoint: {ckpt_file}")
+    if args.sample_tokens:
+        prompt = "def "
+        model = trainer.model.eval()
+        try:
+            out = model.generate(encode(prompt).long()[None].to(device), args.sample_tokens, temperature=0.8, top_k=40)
+        except KeyboardInterrupt:
+            print("interrupted while sampling; the checkpoint is saved", file=sys.stderr)
+            return 130
+        print("sample:\n" + decode(out[0]))
+    return 0
+
+
+def _trainer(args, device, text, ckpt_file):
+    """The Trainer for these flags: a new model, or the one resumed from ``ckpt_file``."""
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(ckpt_file)
@@ -190,6 +227,7 @@ def run_train(args):
         min_learning_rate=args.lr / 10,
         eval_interval=args.eval_interval,
         seed=args.seed,
+        skip_nonfinite=args.skip_nonfinite,
     )
     dataset = ByteDataset(text, config.context_length)
     source = args.data or "the Python standard library's sources"
@@ -203,21 +241,7 @@ def run_train(args):
         print(f"resuming from step {trainer.step} of {cfg.max_steps}")
     else:
         print(f"step 0: held-out loss {trainer.held_out_loss():.4f}")
-    try:
-        trainer.run(ckpt_file, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        return 130
-    print(f"checkpoint: {ckpt_file}")
-    if args.sample_tokens:
-        prompt = "def "
-        model = trainer.model.eval()
-        try:
-            out = model.generate(encode(prompt).long()[None].to(device), args.sample_tokens, temperature=0.8, top_k=40)
-        except KeyboardInterrupt:
-            print("interrupted while sampling; the checkpoint is saved", file=sys.stderr)
-            return 130
-        print("sample:\n" + decode(out[0]))
-    return 0
+    return trainer
 
 
 # ----------------------------------------------------------------------------- sample
@@ -356,7 +380,7 @@ def main(argv=None):
         from fastgpt import bench
 
         return bench.run(args)
-    except (UsageError, DataError, CheckpointError) as exc:
+    except (UsageError, DataError, CheckpointError, TrainingDiverged) as exc:
         print(f"fastgpt {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

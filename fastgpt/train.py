@@ -1,6 +1,14 @@
-"""Training: AdamW with warm-up and cosine decay, held-out evaluation, atomic checkpoints, resume."""
+"""Training: AdamW with warm-up and cosine decay, held-out evaluation, atomic checkpoints, resume.
+
+Faults: a step whose loss or gradients are not finite stops the run (``TrainingDiverged``) before
+it changes the weights, or is skipped and counted (``skip_nonfinite``); SIGINT and SIGTERM stop the
+run after the step under way and save it (``Interrupted``), and further signals cannot abort that save.
+"""
 
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,6 +38,49 @@ class TrainConfig:
     eval_interval: int = 250  # steps between held-out evaluations (and checkpoints)
     eval_batches: int = 8
     seed: int = 1337
+    skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss or gradient instead of stopping
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients of a step are not finite; the weights are those before that step."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run after a whole step, and its checkpoint was saved."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM during ``Trainer.run``: the first asks the run to stop after the step under
+    way (a step cut in half would leave weights and optimizer state that do not belong together);
+    later ones only say that it is stopping, so they cannot abort the checkpoint being written.
+    Python runs signal handlers in the main thread only, so elsewhere nothing is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            message = "stopping after this step, then saving a checkpoint"
+        else:
+            message = "already stopping: the checkpoint is being saved (kill -9 would keep the previous one)"
+        os.write(2, f"\n{signal.Signals(signum).name}: {message}\n".encode())  # print() may be mid-write here
 
 
 def learning_rate(step, cfg):
@@ -66,6 +117,8 @@ class Trainer:
         )
         self.batch_generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
+        self.skipped = 0  # steps of this run skipped for a non-finite loss or gradient (skip_nonfinite)
+        self.saved_step = None  # the step of the last checkpoint this run wrote or resumed from
         self.history = []  # (step, training loss)
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -78,7 +131,7 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer_state"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"the checkpoint's optimizer state does not fit the model ({exc})") from exc
-        self.step = int(ckpt["progress"].get("step", 0))
+        self.step = self.saved_step = int(ckpt["progress"].get("step", 0))
         states = ckpt["random_states"]
         if "batches" in states:
             self.batch_generator.set_state(states["batches"])
@@ -96,55 +149,90 @@ class Trainer:
             progress={"step": self.step, "train_config": vars(self.cfg)},
             random_states={"batches": self.batch_generator.get_state(), "torch": torch.get_rng_state()},
         )
+        self.saved_step = self.step
 
     def train_step(self):
-        """One optimizer step; returns the training loss."""
+        """One optimizer step; returns the training loss.
+
+        A loss or gradient that is not finite raises ``TrainingDiverged`` before the weights change
+        (with ``skip_nonfinite``: the step is skipped, counted in ``skipped``, and its loss returned).
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, self.cfg)
         x, y = self.dataset.batch("train", self.cfg.batch_size, self.batch_generator, self.device)
         _, loss = self.model(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()  # one device sync
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            if not self.cfg.skip_nonfinite:
+                what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {norm_value}"
+                rate = learning_rate(self.step, self.cfg)
+                raise TrainingDiverged(f"step {self.step + 1}: {what} at learning rate {rate:.3g}")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+        else:
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(parameters, self.cfg.grad_clip, norm)
+            self.optimizer.step()
         self.step += 1
-        return loss.item()
+        return loss_value
 
     def run(self, checkpoint_file=None, progress=True, log=print):
         """Train up to ``max_steps``; evaluates and checkpoints every ``eval_interval`` steps and at the end.
 
-        On Ctrl-C the current state is checkpointed before ``KeyboardInterrupt`` propagates.
-        Returns the final held-out loss.
+        SIGINT (Ctrl-C) or SIGTERM stops training after the step under way; the checkpoint is then
+        saved and ``Interrupted`` raised (a ``KeyboardInterrupt``). Divergence raises
+        ``TrainingDiverged`` and writes nothing. Returns the final held-out loss.
         """
         self.model.train()
         tokens_per_step = self.cfg.batch_size * self.dataset.context_length
         bar = tqdm(
             total=self.cfg.max_steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True
         )
-        try:
-            while self.step < self.cfg.max_steps:
-                started = time.perf_counter()
-                loss = self.train_step()
-                self.history.append((self.step, loss))
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / (time.perf_counter() - started):,.0f}")
-                if self.step % self.cfg.eval_interval == 0 and self.step < self.cfg.max_steps:
-                    bar.write(f"step {self.step}: held-out loss {self.held_out_loss():.4f}")
-                    if checkpoint_file:
-                        self.save(checkpoint_file)
-        except KeyboardInterrupt:
+        with _StopSignals() as stop:
+            try:
+                while self.step < self.cfg.max_steps and stop.signum is None:
+                    started, skipped = time.perf_counter(), self.skipped
+                    loss = self.train_step()
+                    self.history.append((self.step, loss))
+                    bar.update(1)
+                    seconds = time.perf_counter() - started
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}")
+                    if self.skipped > skipped:
+                        bar.write(f"step {self.step}: skipped, loss or gradients not finite ({self.skipped} so far)")
+                    if self.step % self.cfg.eval_interval == 0 and self.step < self.cfg.max_steps:
+                        bar.write(f"step {self.step}: held-out loss {self.held_out_loss():.4f}")
+                        if checkpoint_file:
+                            self.save(checkpoint_file)
+            except KeyboardInterrupt:  # raised by code between steps; signals are handled by ``stop``
+                bar.close()
+                self._save_interrupted(checkpoint_file, log)
+                raise
+            except TrainingDiverged as exc:
+                bar.close()
+                kept = "no checkpoint was written"
+                if self.saved_step is not None:
+                    kept = f"the checkpoint of step {self.saved_step} is kept"
+                raise TrainingDiverged(f"training diverged at {exc}; {kept} (try a lower learning rate)") from None
             bar.close()
+            if stop.signum is not None:
+                self._save_interrupted(checkpoint_file, log)
+                raise Interrupted(stop.signum)
+            final = self.held_out_loss()
+            log(f"step {self.step}: held-out loss {final:.4f}")
             if checkpoint_file:
                 self.save(checkpoint_file)
-                log(f"interrupted at step {self.step}; checkpoint saved to {checkpoint_file} (continue with --resume)")
-            raise
-        bar.close()
-        final = self.held_out_loss()
-        log(f"step {self.step}: held-out loss {final:.4f}")
+            if stop.signum is not None:  # arrived during the final evaluation or save: the run is complete
+                raise Interrupted(stop.signum)
+        return final
+
+    def _save_interrupted(self, checkpoint_file, log):
         if checkpoint_file:
             self.save(checkpoint_file)
-        return final
+            log(f"interrupted at step {self.step}; checkpoint saved to {checkpoint_file} (continue with --resume)")
 
 
 def build_config(preset="small", **overrides):

@@ -1,6 +1,7 @@
 """The ``fastgpt`` command on tiny configurations: train, resume, sample, info, build, and user errors
 (found before training starts). Faults that need a separate process: tests/test_reliability_cli.py."""
 
+import re
 import sys
 
 import pytest
@@ -122,6 +123,19 @@ def test_ctrl_c_while_sampling_is_a_message_and_exit_130(tmp_path, text_file, ca
     capsys.readouterr()
     assert main(["sample", "--ckpt", out, "--backend", "reference"]) == 130
     assert capsys.readouterr().err == "fastgpt sample: interrupted\n"
+
+
+def test_divergence_is_a_message_naming_the_step_and_exit_2(tmp_path, text_file, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--data", text_file, "--out", out, "--max-steps", "100", "--lr", "1e6",
+                 "--no-progress", *TINY_FLAGS]) == 2
+    captured = capsys.readouterr()
+    assert re.fullmatch(r"fastgpt train: error: training diverged at step \d+: (loss|gradient norm) (nan|inf) at "
+                        r"learning rate \S+; no checkpoint was written \(try a lower learning rate\)\n", captured.err)
+    assert "checkpoint:" not in captured.out and "sample:" not in captured.out
+    assert main(["train", "--data", text_file, "--out", out, "--max-steps", "30", "--lr", "1e6", "--skip-nonfinite",
+                 "--sample-tokens", "0", "--no-progress", *TINY_FLAGS]) == 0
+    assert re.search(r"skipped \d+ step\(s\) whose loss or gradients were not finite", capsys.readouterr().out)
 
 
 def test_resume_with_a_different_model_is_refused(tmp_path, text_file, capsys):

@@ -1,9 +1,12 @@
-"""Training: resuming reproduces the uninterrupted run, Ctrl-C saves."""
+"""Training: resuming reproduces the uninterrupted run, Ctrl-C saves, divergence stops (or is skipped)
+without touching the weights or the checkpoint. Signals in a real process: tests/test_reliability_train.py."""
 
 import pytest
+import torch
 from tiny_training import tiny_trainer
 
 from fastgpt.checkpoint import load_checkpoint
+from fastgpt.train import TrainingDiverged
 
 
 def test_resume_gives_the_same_next_step_loss(tmp_path):
@@ -35,3 +38,39 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer.run(path, progress=False, log=lambda *_: None)
     assert load_checkpoint(path)["progress"]["step"] == 2
+
+
+def poison_the_loss(trainer):
+    """Make every loss NaN without touching the weights (the embedding's output turns NaN); returns the hook."""
+    return trainer.model.token_embedding.register_forward_hook(lambda module, args, out: out * float("nan"))
+
+
+def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_checkpoint(tmp_path):
+    trainer = tiny_trainer(max_steps=10)
+    path = str(tmp_path / "ckpt.safetensors")
+    trainer.train_step(), trainer.train_step()
+    trainer.save(path)
+    good = open(path, "rb").read()
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    poison_the_loss(trainer)
+    with pytest.raises(TrainingDiverged, match=r"^training diverged at step 3: loss nan at learning rate .*; "
+                                               r"the checkpoint of step 2 is kept"):
+        trainer.run(path, progress=False, log=lambda *_: None)
+    assert trainer.step == 2 and open(path, "rb").read() == good
+    for name, t in trainer.model.state_dict().items():
+        assert torch.equal(t, weights[name]), name
+
+
+def test_skip_nonfinite_skips_and_counts_the_steps(tmp_path):
+    trainer = tiny_trainer(max_steps=4)
+    trainer.cfg.skip_nonfinite = True
+    hook = poison_the_loss(trainer)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step()
+    assert trainer.step == 1 and trainer.skipped == 1
+    for name, t in trainer.model.state_dict().items():
+        assert torch.equal(t, weights[name]), name
+    hook.remove()
+    path = str(tmp_path / "ckpt.safetensors")
+    trainer.run(path, progress=False, log=lambda *_: None)
+    assert trainer.skipped == 1 and load_checkpoint(path)["progress"]["step"] == 4
