@@ -38,15 +38,20 @@ def backends():
     return report
 
 
-def unsupported_reason(op, name, args):
+def unsupported_reason(op, name, args, variants=frozenset()):
     """None when backend ``name`` can run ``op`` (``"attention"`` or ``"add_layer_norm"``) on
-    ``args`` (the op's tensors as its ``*_unsupported`` takes them), else why not."""
+    ``args`` (the op's tensors as its ``*_unsupported`` takes them) with the attention
+    ``variants`` (some of ``registry.VARIANTS``), else why not."""
     backend = registry.get(name)
     ok, reason = backend.availability()
     if not ok:
         return reason
     if op not in backend.modules:
         return f"the {name} backend does not implement {op}"
+    if variants:
+        reason = backend.missing_variants(variants)
+        if reason is not None:
+            return reason
     try:
         impl = backend.module(op)
     except ImportError as exc:
@@ -87,22 +92,24 @@ def _environment_backend():
     return name
 
 
-def _resolve(op, backend, args, training=True):
+def _resolve(op, backend, args, training=True, variants=frozenset()):
     """The implementation module that runs ``op``: the named backend, or ``auto``'s choice.
 
     ``training``: whether a backward will follow (``auto``'s table may pick differently for
-    inference). Decisions are remembered per backend, registry state, device, dtypes and sizes
-    (``auto_rule.decision_key``), so a call costs a dictionary lookup once its kind has been seen.
+    inference). ``variants``: the attention variants the call uses, which the backend must
+    declare. Decisions are remembered per backend, registry state, device, dtypes, sizes
+    (``auto_rule.decision_key``) and variants, so a call costs a dictionary lookup once its kind
+    has been seen.
     """
     if backend == "auto":
         backend = _environment_backend()
     key = (
         op, backend, training, registry.version(), args[0].device,
-        *[None if t is None else t.dtype for t in args], *auto_rule.decision_key(op, args),
+        *[None if t is None else t.dtype for t in args], *auto_rule.decision_key(op, args), variants,
     )
     decision = _decisions.get(key)
     if decision is None:
-        decision = _decide(op, backend, args, training)
+        decision = _decide(op, backend, args, training, variants)
         if len(_decisions) >= _DECISIONS_KEPT:  # a process that sees ever new sizes stays bounded
             _decisions.clear()
         _decisions[key] = decision
@@ -112,10 +119,11 @@ def _resolve(op, backend, args, training=True):
     return impl
 
 
-def auto_choice(op, args, training=False):
+def auto_choice(op, args, training=False, variants=frozenset()):
     """The name of the backend ``auto`` runs ``op`` on for ``args`` (the op's tensors, as its
-    ``*_unsupported`` takes them), and whether a backward follows; ``fastgpt info`` shows a few."""
-    return _decide(op, "auto", args, training)[0]
+    ``*_unsupported`` takes them), whether a backward follows and the attention variants used;
+    ``fastgpt info`` shows a few."""
+    return _decide(op, "auto", args, training, frozenset(variants))[0]
 
 
 _decisions = {}
@@ -128,12 +136,13 @@ def forget_decisions():
     auto_rule.forget_tables()
 
 
-def _decide(op, backend, args, training):
+def _decide(op, backend, args, training, variants):
     """(backend name, implementation module, fallback warning or None) for one kind of call."""
+    public_name = "varlen_attention" if "varlen" in variants else op
     if backend != "auto":
-        reason = unsupported_reason(op, backend, args)
+        reason = unsupported_reason(op, backend, args, variants)
         if reason is not None:
-            raise BackendError(f"fastgpt.ops.{op}: backend {backend!r} cannot run these inputs: {reason}")
+            raise BackendError(f"fastgpt.ops.{public_name}: backend {backend!r} cannot run these inputs: {reason}")
         return backend, registry.get(backend).module(op), None
     candidates = [b.name for b in registry.auto_candidates(args[0].device.type)]
     preferred = auto_rule.preferred_backend(op, args, training)
@@ -142,11 +151,11 @@ def _decide(op, backend, args, training):
         candidates.insert(0, preferred)
     reasons = []
     for name in candidates:
-        reason = unsupported_reason(op, name, args)
+        reason = unsupported_reason(op, name, args, variants)
         if reason is None:
             return name, registry.get(name).module(op), None
         reasons.append(f"{name}: {reason}")
-    warning = f"fastgpt.ops.{op} falls back to the {registry.FALLBACK} backend ({'; '.join(reasons)})" if reasons else None
+    warning = f"fastgpt.ops.{public_name} falls back to the {registry.FALLBACK} backend ({'; '.join(reasons)})" if reasons else None
     return registry.FALLBACK, registry.get(registry.FALLBACK).module(op), warning
 
 
@@ -210,44 +219,108 @@ def _needs_grad(*tensors):
 # ----------------------------------------------------------------------------- attention
 
 
+_NO_OPTIONS = {}  # the keyword arguments of plain attention: none
+_VARLEN = frozenset({"varlen"})
+
+
+def _variant_options(causal, window, softcap):
+    """``(causal, options)``: the keyword arguments the backend receives for ``window`` and
+    ``softcap`` (only those the call uses; their names are the variants it needs), after checking
+    them. A window's right side is 0 when causal, and a window whose right side is 0 is causal;
+    a window that hides nothing beyond that is dropped."""
+    options = {}
+    if window is not None:
+        if not isinstance(window, (tuple, list)) or len(window) != 2 or not all(_is_int(w) for w in window):
+            raise TypeError(f"window must be None or a pair of ints (left, right), got {window!r}")
+        left, right = int(window[0]), int(window[1])
+        if left < -1 or right < -1:
+            raise ValueError(f"window sizes must be >= -1 (-1 leaves that side unbounded), got window={window!r}")
+        if causal or right == 0:
+            causal, right = True, 0
+        if left >= 0 or (right >= 0 and not causal):
+            options["window"] = (left, right)
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (0 turns it off), got {softcap!r}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 turns it off), got {softcap!r}")
+    if softcap > 0:
+        options["softcap"] = float(softcap)
+    return causal, options
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool) or isinstance(x, torch.SymInt)
+
+
+def _schema_options(options):
+    """(window_left, window_right, softcap): ``options`` as the custom ops' arguments."""
+    left, right = options.get("window", (-1, -1))
+    return left, right, options.get("softcap", 0.0)
+
+
 @torch.library.custom_op("fastgpt::attention", mutates_args=())
 def _attention_op(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, backend: str, training: bool = False
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    backend: str,
+    training: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
-    return _resolve("attention", backend, (q, k, v), training).attention_forward(q, k, v, causal, scale)
+    causal, options = _variant_options(causal, (window_left, window_right), softcap)
+    impl = _resolve("attention", backend, (q, k, v), training, frozenset(options))
+    return impl.attention_forward(q, k, v, causal, scale, **options)
 
 
 @_attention_op.register_fake
-def _(q, k, v, causal, scale, backend, training=False):
+def _(q, k, v, causal, scale, backend, training=False, window_left=-1, window_right=-1, softcap=0.0):
     b, h, s, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastgpt::attention_backward", mutates_args=())
 def _attention_backward_op(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float, backend: str
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    backend: str,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    impl = _resolve("attention", backend, (q, k, v), training=True)  # the forward's choice
-    return impl.attention_backward(do, q, k, v, o, lse, causal, scale)
+    causal, options = _variant_options(causal, (window_left, window_right), softcap)
+    impl = _resolve("attention", backend, (q, k, v), True, frozenset(options))  # the forward's choice
+    return impl.attention_backward(do, q, k, v, o, lse, causal, scale, **options)
 
 
 @_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, causal, scale, backend):
+def _(do, q, k, v, o, lse, causal, scale, backend, window_left=-1, window_right=-1, softcap=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, backend, _training = inputs
+    q, k, v, causal, scale, backend, _training, *options = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.causal, ctx.scale, ctx.backend, ctx.options = causal, scale, backend, options
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_autograd(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fastgpt.attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = torch.ops.fastgpt.attention_backward(
+        do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.backend, *ctx.options
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_attention_autograd, setup_context=_attention_setup_context)
@@ -257,26 +330,38 @@ class _AttentionFunction(torch.autograd.Function):
     """The eager path: the same forward and backward as the custom op, without its dispatch."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, impl):
-        o, lse = impl.attention_forward(q, k, v, causal, scale)
+    def forward(ctx, q, k, v, causal, scale, impl, options):
+        o, lse = impl.attention_forward(q, k, v, causal, scale, **options)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale, ctx.impl = causal, scale, impl
+        ctx.causal, ctx.scale, ctx.impl, ctx.options = causal, scale, impl, options
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.impl.attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = ctx.impl.attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, **ctx.options)
+        return dq, dk, dv, None, None, None, None
 
 
-def attention(q, k, v, *, causal=True, scale=None, backend="auto"):
+def _check_scale(scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    return float(scale)
+
+
+def attention(q, k, v, *, causal=True, scale=None, window=None, softcap=0.0, backend="auto"):
     """Multi-head attention ``softmax(q kᵀ · scale) v`` without materializing the score matrix.
 
     q: ``(batch, heads, seq_q, head_dim)``; k, v: ``(batch, kv_heads, seq_k, head_dim)`` with
     ``heads % kv_heads == 0`` (GQA/MQA share each key/value head without copying). Any strides.
     ``causal`` masks aligned bottom-right: query ``i`` sees keys ``j <= i + seq_k - seq_q``
-    (a row that sees no key outputs zeros). ``scale`` defaults to ``1/sqrt(head_dim)``.
+    (a row that sees no key outputs zeros and gets zero gradient). ``scale`` defaults to
+    ``1/sqrt(head_dim)``. ``window=(left, right)``: query ``i`` sees key ``j`` only when
+    ``i + off - left <= j <= i + off + right`` with ``off = seq_k - seq_q``; -1 leaves a side
+    unbounded, None is ``(-1, -1)``, and with ``causal`` the right side is 0. ``softcap > 0``
+    turns each score into ``softcap * tanh(score * scale / softcap)`` before the softmax.
     Returns the output, shaped like ``q`` and contiguous.
     """
     backend = _requested_backend(backend)
@@ -297,11 +382,9 @@ def attention(q, k, v, *, causal=True, scale=None, backend="auto"):
         raise ValueError(f"q, k and v must have no empty dimension, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if heads % kv_heads:
         raise ValueError(f"q's heads ({heads}) must be a multiple of k's and v's kv_heads ({kv_heads})")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    causal, scale = bool(causal), float(scale)
+    causal, scale = bool(causal), _check_scale(scale, d)
+    if window is not None or softcap != 0.0:
+        return _attention_variant(q, k, v, causal, scale, window, softcap, backend)
     training = _needs_grad(q, k, v)
     if torch.compiler.is_compiling():  # one opaque node in the graph
         o, _ = torch.ops.fastgpt.attention(q, k, v, causal, scale, backend, training)
@@ -309,7 +392,220 @@ def attention(q, k, v, *, causal=True, scale=None, backend="auto"):
     impl = _resolve("attention", backend, (q, k, v), training)
     if not training:
         return impl.attention_forward(q, k, v, causal, scale)[0]
-    return _AttentionFunction.apply(q, k, v, causal, scale, impl)
+    return _AttentionFunction.apply(q, k, v, causal, scale, impl, _NO_OPTIONS)
+
+
+def _attention_variant(q, k, v, causal, scale, window, softcap, backend):
+    """``attention`` with a window or a soft cap: only backends that declare them run it."""
+    causal, options = _variant_options(causal, window, softcap)
+    training = _needs_grad(q, k, v)
+    if torch.compiler.is_compiling():
+        o, _ = torch.ops.fastgpt.attention(q, k, v, causal, scale, backend, training, *_schema_options(options))
+        return o
+    impl = _resolve("attention", backend, (q, k, v), training, frozenset(options))
+    if not training:
+        return impl.attention_forward(q, k, v, causal, scale, **options)[0]
+    return _AttentionFunction.apply(q, k, v, causal, scale, impl, options)
+
+
+# ----------------------------------------------------------------------------- varlen attention
+
+
+def _dense_views(q, k, v):
+    """Packed ``(total, heads, head_dim)`` tensors as ``(1, heads, total, head_dim)`` views: what
+    ``*_unsupported`` and ``auto``'s buckets take (a packed batch counts as one long sequence)."""
+    return tuple(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+
+
+def _check_cu_seqlens(name, cu, device):
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int32 offsets, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-dimensional with batch + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on the device of q ({device}), got {cu.device}")
+
+
+def _check_max_seqlen(name, hint):
+    if hint is not None and not _is_int(hint):
+        raise TypeError(f"{name} must be None or an int, got {hint!r}")
+    if hint is not None and hint < 0:
+        raise ValueError(f"{name} must be >= 0, got {hint}")
+
+
+def _longest_sequences(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k):
+    """(max_seqlen_q, max_seqlen_k) read from the offsets, after checking them (one read each)."""
+    longest = []
+    for name, cu, total, rows, hint_name, hint in (
+        ("cu_seqlens_q", cu_seqlens_q, total_q, "q", "max_seqlen_q", max_seqlen_q),
+        ("cu_seqlens_k", cu_seqlens_k, total_k, "k and v", "max_seqlen_k", max_seqlen_k),
+    ):
+        offsets = cu.tolist()
+        if offsets[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {offsets[0]}")
+        lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+        if min(lengths) < 0:
+            i = lengths.index(min(lengths))
+            raise ValueError(f"{name} must not decrease, got {offsets[i]} then {offsets[i + 1]} at index {i}")
+        if offsets[-1] != total:
+            raise ValueError(f"{name} must end at the number of rows of {rows} ({total}), got {offsets[-1]}")
+        if hint is not None and hint < max(lengths):
+            raise ValueError(f"{hint_name} ({hint}) is less than the longest sequence in {name} ({max(lengths)})")
+        longest.append(max(lengths))
+    return tuple(longest)
+
+
+@torch.library.custom_op("fastgpt::varlen_attention", mutates_args=())
+def _varlen_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: Optional[int],
+    max_seqlen_k: Optional[int],
+    causal: bool,
+    scale: float,
+    backend: str,
+    training: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+) -> Tuple[Tensor, Tensor]:
+    causal, options = _variant_options(causal, (window_left, window_right), softcap)
+    longest = _longest_sequences(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    impl = _resolve("attention", backend, _dense_views(q, k, v), training, _VARLEN | frozenset(options))
+    return impl.varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *longest, causal, scale, **options)
+
+
+@_varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend, training=False,
+      window_left=-1, window_right=-1, softcap=0.0):
+    total_q, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((heads, total_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastgpt::varlen_attention_backward", mutates_args=())
+def _varlen_attention_backward_op(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: Optional[int],
+    max_seqlen_k: Optional[int],
+    causal: bool,
+    scale: float,
+    backend: str,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    causal, options = _variant_options(causal, (window_left, window_right), softcap)
+    longest = _longest_sequences(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    impl = _resolve("attention", backend, _dense_views(q, k, v), True, _VARLEN | frozenset(options))
+    return impl.varlen_attention_backward(
+        do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, *longest, causal, scale, **options
+    )
+
+
+@_varlen_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend,
+      window_left=-1, window_right=-1, softcap=0.0):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_attention_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend, _training, *options = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
+    ctx.arguments = (max_q, max_k, causal, scale, backend, *options)
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_attention_autograd(ctx, do, _dlse):
+    q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastgpt.varlen_attention_backward(do, q, k, v, o, lse, cu_q, cu_k, *ctx.arguments)
+    return (dq, dk, dv) + (None,) * 11
+
+
+_varlen_attention_op.register_autograd(_varlen_attention_autograd, setup_context=_varlen_attention_setup_context)
+
+
+class _VarlenAttentionFunction(torch.autograd.Function):
+    """The eager path of ``varlen_attention``, as ``_AttentionFunction`` is ``attention``'s."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, impl, options):
+        o, lse = impl.varlen_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, **options)
+        ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
+        ctx.arguments, ctx.impl, ctx.options = (max_q, max_k, causal, scale), impl, options
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = ctx.impl.varlen_attention_backward(do, q, k, v, o, lse, cu_q, cu_k, *ctx.arguments, **ctx.options)
+        return (dq, dk, dv) + (None,) * 8
+
+
+def varlen_attention(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None,
+    causal=True, scale=None, window=None, softcap=0.0, backend="auto",
+):
+    """``attention`` over a packed batch of sequences of different lengths, without padding.
+
+    q: ``(total_q, heads, head_dim)``; k, v: ``(total_k, kv_heads, head_dim)`` (GQA as in
+    ``attention``). ``cu_seqlens_q``/``cu_seqlens_k``: int32 offsets of length ``batch + 1``
+    (first 0, last the total, never decreasing): sequence ``b`` is rows
+    ``cu_seqlens[b]:cu_seqlens[b + 1]`` and attends only within itself, with the causal mask and
+    the window aligned bottom-right per sequence; a sequence may be empty. ``max_seqlen_q`` and
+    ``max_seqlen_k`` are optional hints (at least the longest sequence). Returns
+    ``(total_q, heads, head_dim)``, contiguous.
+    """
+    backend = _requested_backend(backend)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, ndim=3)
+    _check_same("k", k, "q", q)
+    _check_same("v", v, "q", q)
+    _, heads, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[2] != d:
+        raise ValueError(f"k must have shape (total_k, kv_heads, head_dim={d}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    kv_heads = k.shape[1]
+    if min(heads, d, kv_heads) < 1:
+        raise ValueError(f"q, k and v must have heads and a head dim, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if heads % kv_heads:
+        raise ValueError(f"q's heads ({heads}) must be a multiple of k's and v's kv_heads ({kv_heads})")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        raise ValueError(
+            f"cu_seqlens_k must have as many offsets as cu_seqlens_q (batch + 1 = {cu_seqlens_q.numel()}), "
+            f"got {cu_seqlens_k.numel()}"
+        )
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    scale = _check_scale(scale, d)
+    causal, options = _variant_options(bool(causal), window, softcap)
+    training = _needs_grad(q, k, v)
+    if torch.compiler.is_compiling():  # the offsets are read inside the op: no graph break
+        o, _ = torch.ops.fastgpt.varlen_attention(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend, training,
+            *_schema_options(options),
+        )
+        return o
+    longest = _longest_sequences(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    impl = _resolve("attention", backend, _dense_views(q, k, v), training, _VARLEN | frozenset(options))
+    if not training:
+        return impl.varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *longest, causal, scale, **options)[0]
+    return _VarlenAttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, *longest, causal, scale, impl, options)
 
 
 def scaled_dot_product_attention(

@@ -3,14 +3,16 @@
 It is the fallback that runs anywhere and the readable statement of what the fast backends
 compute. Half-precision inputs are computed in float32 and the results cast back, so the
 reference is as accurate as the fast paths are asked to be. Functions keep the backend
-contract of ``DESIGN.md``: same names and signatures in every backend.
+contract of ``docs/architecture.md``: same names and signatures in every backend. Every
+attention variant (sliding window, soft-capping, packed sequences) is here, as the same formula
+with an explicit mask; a packed batch runs one sequence at a time.
 """
 
 import math
 
 import torch
 
-from fastgpt.contract import residual_stream_dtype
+from fastgpt.contract import residual_stream_dtype, varlen_backward_by_sequence, varlen_forward_by_sequence
 
 
 def _compute_dtype(dtype):
@@ -22,49 +24,69 @@ def _expand_kv(t, heads):
     return t.repeat_interleave(heads // t.shape[1], dim=1)
 
 
-def _visible_keys(seq_q, seq_k, device):
-    """Causal mask aligned bottom-right: query i sees keys j <= i + seq_k - seq_q."""
-    return torch.tril(torch.ones(seq_q, seq_k, dtype=torch.bool, device=device), diagonal=seq_k - seq_q)
-
-
-def _probabilities(q, k, causal, scale):
-    """softmax(Q Kᵀ · scale) with the causal mask, and its log-sum-exp; rows that see no key give 0 / -inf."""
-    scores = q @ k.transpose(-2, -1) * scale
+def _visible_keys(seq_q, seq_k, causal, window, device):
+    """Which keys each query sees, or None when it sees all: with ``off = seq_k - seq_q`` (aligned
+    bottom-right), query i sees key j when ``i + off - left <= j <= i + off + right`` (-1: that side
+    unbounded); causal means ``right = 0``."""
+    left, right = (-1, -1) if window is None else window
     if causal:
-        visible = _visible_keys(q.shape[-2], k.shape[-2], q.device)
+        right = 0
+    if left < 0 and right < 0:
+        return None
+    visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        visible = visible.tril(seq_k - seq_q + right)
+    if left >= 0:
+        visible = visible.triu(seq_k - seq_q - left)
+    return visible
+
+
+def _probabilities(q, k, causal, scale, window, softcap):
+    """softmax of the scores ``q kᵀ · scale`` (soft-capped: ``softcap · tanh(score / softcap)``) with
+    the mask, their log-sum-exp, and the tanh of the capped scores (None without a cap); rows that
+    see no key give 0 / -inf."""
+    scores = q @ k.transpose(-2, -1) * scale
+    tanh = None
+    if softcap:
+        tanh = torch.tanh(scores / softcap)
+        scores = softcap * tanh
+    visible = _visible_keys(q.shape[-2], k.shape[-2], causal, window, q.device)
+    if visible is not None:
         scores = scores.masked_fill(~visible, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.softmax(scores, dim=-1)
-    if causal:
+    if visible is not None:
         # a row with every key masked has no probabilities (softmax gives 0/0 there); only those rows
         # are zeroed, so a NaN or inf in the inputs propagates as in the formula (and in SDPA)
         probs = probs.masked_fill(~visible.any(-1, keepdim=True), 0.0)
-    return probs, lse
+    return probs, lse, tanh
 
 
 def attention_unsupported(q, k, v):
     return None  # the reference runs every valid input
 
 
-def attention_forward(q, k, v, causal, scale):
+def attention_forward(q, k, v, causal, scale, *, window=None, softcap=0.0):
     heads = q.shape[1]
     ct = _compute_dtype(q.dtype)
     q32, k32, v32 = q.to(ct), _expand_kv(k, heads).to(ct), _expand_kv(v, heads).to(ct)
-    probs, lse = _probabilities(q32, k32, causal, scale)
+    probs, lse, _ = _probabilities(q32, k32, causal, scale, window, softcap)
     o = probs @ v32
     return o.to(q.dtype), lse.to(torch.float32)
 
 
-def attention_backward(do, q, k, v, o, lse, causal, scale):
+def attention_backward(do, q, k, v, o, lse, causal, scale, *, window=None, softcap=0.0):
     heads, kv_heads = q.shape[1], k.shape[1]
     ct = _compute_dtype(q.dtype)
     q32, k32, v32 = q.to(ct), _expand_kv(k, heads).to(ct), _expand_kv(v, heads).to(ct)
     do32, o32 = do.to(ct), o.to(ct)
-    probs, _ = _probabilities(q32, k32, causal, scale)
+    probs, _, tanh = _probabilities(q32, k32, causal, scale, window, softcap)
     dv = probs.transpose(-2, -1) @ do32
     dprobs = do32 @ v32.transpose(-2, -1)
     delta = (do32 * o32).sum(-1, keepdim=True)  # rowsum(dO ∘ O) == rowsum(P ∘ dP)
     dscores = probs * (dprobs - delta)
+    if tanh is not None:  # d/ds of softcap · tanh(s / softcap)
+        dscores = dscores * (1 - tanh * tanh)
     dq = dscores @ k32 * scale
     dk = dscores.transpose(-2, -1) @ q32 * scale
     if kv_heads != heads:  # sum the gradients of the query heads that share a key/value head
@@ -72,6 +94,22 @@ def attention_backward(do, q, k, v, o, lse, causal, scale):
         dk = dk.view(b, kv_heads, heads // kv_heads, s, d).sum(2)
         dv = dv.view(b, kv_heads, heads // kv_heads, s, d).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def varlen_attention_forward(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *, window=None, softcap=0.0
+):
+    return varlen_forward_by_sequence(
+        attention_forward, q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window=window, softcap=softcap
+    )
+
+
+def varlen_attention_backward(
+    do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *, window=None, softcap=0.0
+):
+    return varlen_backward_by_sequence(
+        attention_backward, do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, causal, scale, window=window, softcap=softcap
+    )
 
 
 def add_layer_norm_unsupported(x, residual, weight, bias):

@@ -9,10 +9,12 @@ contract of ``docs/architecture.md`` plus one ``register_backend`` call.
 import functools
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Tuple
+from typing import Callable, FrozenSet, Mapping, Tuple
 
 OPS = ("attention", "add_layer_norm")
 FALLBACK = "reference"  # runs every valid input on every device: what `auto` falls back to
+# the attention variants a backend may declare, and how a reason names the kernel it lacks
+VARIANTS = {"window": "sliding-window", "softcap": "soft-capping", "varlen": "variable-length (packed)"}
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,9 @@ class Backend:
     (``<op>_forward``, ``<op>_backward``, ``<op>_unsupported``). ``availability`` returns
     ``(available, reason)`` without touching a tensor; it is asked on every op call, so it must be
     cheap (cache it). ``auto_devices`` lists the device types where ``auto`` may pick this
-    backend, which it tries in registration order before the fallback.
+    backend, which it tries in registration order before the fallback. ``variants`` names the
+    attention variants (keys of ``VARIANTS``) its attention module implements; a call that uses
+    another one is unsupported on this backend, so ``auto`` passes it by.
     """
 
     name: str
@@ -31,6 +35,7 @@ class Backend:
     availability: Callable[[], Tuple[bool, str]]
     auto_devices: Tuple[str, ...] = ()
     description: str = field(default="", compare=False)
+    variants: FrozenSet[str] = frozenset()
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier() or self.name == "auto":
@@ -38,6 +43,20 @@ class Backend:
         unknown = sorted(set(self.modules) - set(OPS))
         if unknown or not self.modules:
             raise ValueError(f"Backend.modules must map some of {OPS} to module names, got {dict(self.modules)!r}")
+        if isinstance(self.variants, str):  # frozenset("window") would be a set of letters
+            raise TypeError(f"Backend.variants must be a collection of names, got the string {self.variants!r}")
+        variants = frozenset(self.variants)
+        if not variants <= VARIANTS.keys() or (variants and "attention" not in self.modules):
+            raise ValueError(
+                f"Backend.variants must name some of {tuple(VARIANTS)} for a backend with attention, "
+                f"got {sorted(variants)}"
+            )
+        object.__setattr__(self, "variants", variants)  # frozen: any collection given is stored as a frozenset
+
+    def missing_variants(self, variants):
+        """None when this backend implements every one of ``variants``, else a reason naming what it lacks."""
+        missing = [VARIANTS[v] for v in VARIANTS if v in variants and v not in self.variants]
+        return f"the {self.name} backend has no {' or '.join(missing)} kernel" if missing else None
 
     def module(self, op):
         """The module implementing ``op`` (imported on first use); KeyError if this backend lacks ``op``."""
@@ -150,6 +169,7 @@ register_backend(
         _always("torch's own kernels (scaled_dot_product_attention, layer_norm, rms_norm)"),
         auto_devices=("cuda", "cpu"),
         description="torch's own kernels behind fastgpt's contract: the baseline fastgpt is measured against",
+        variants={"window", "varlen"},  # windows as an explicit mask, packed batches one sequence at a time
     )
 )
 register_backend(
@@ -158,5 +178,6 @@ register_backend(
         {"attention": "fastgpt.reference", "add_layer_norm": "fastgpt.reference"},
         _always("plain PyTorch, runs anywhere"),
         description="the textbook formulas in plain PyTorch: the oracle and the fallback",
+        variants=set(VARIANTS),  # the fallback runs every variant
     )
 )

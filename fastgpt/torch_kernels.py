@@ -5,13 +5,22 @@ This is what a user runs without fastgpt (``F.scaled_dot_product_attention``, ``
 can stand in the registry beside the other backends: the model's baseline, a candidate for
 ``auto``, and a check that fastgpt's contract matches torch's numerics. The attention ops
 used here return the log-sum-exp the contract asks for, which the public SDPA function hides.
+A sliding window is an explicit mask (what a user of SDPA would pass), a packed batch runs one
+sequence at a time; torch's kernels have no soft-capping, so this backend does not declare it.
 """
 
 import math
 
 import torch
 
-from fastgpt.contract import HALF_DTYPES, dtype_unsupported, residual_stream_dtype
+from fastgpt.contract import (
+    HALF_DTYPES,
+    blind_rows,
+    dtype_unsupported,
+    residual_stream_dtype,
+    varlen_backward_by_sequence,
+    varlen_forward_by_sequence,
+)
 
 _LSE_ALIGNMENT_CUDA = 32  # torch's memory-efficient attention pads its log-sum-exp rows to this
 
@@ -25,66 +34,76 @@ def attention_unsupported(q, k, v):
     return dtype_unsupported(("q", q), ("k", k), ("v", v))
 
 
-def _blind_rows(seq_q, seq_k, causal):
-    """Leading query rows that see no key under the bottom-right causal mask."""
-    return max(seq_q - seq_k, 0) if causal else 0
-
-
-def _causal_mask(seq_q, seq_k, causal, dtype, device, row_alignment=1):
+def _mask(seq_q, seq_k, causal, window, dtype, device, row_alignment=1):
     """(is_causal, additive mask) for torch's kernels, whose causal mask is aligned top-left:
     fastgpt's bottom-right mask is the same when seq_q == seq_k, none when one query sees every
-    key, and an explicit mask otherwise (its rows padded to ``row_alignment`` elements)."""
-    if not causal or seq_q == 1:
-        return False, None
-    if seq_q == seq_k:
-        return True, None
+    key, and an explicit mask otherwise (its rows padded to ``row_alignment`` elements); a
+    sliding window is always an explicit mask."""
+    if window is None:
+        if not causal or seq_q == 1:
+            return False, None
+        if seq_q == seq_k:
+            return True, None
+    left, right = (-1, -1) if window is None else window
+    if causal:
+        right = 0
     padded = -(-seq_k // row_alignment) * row_alignment
-    hidden = torch.ones(seq_q, padded, dtype=torch.bool, device=device).triu(seq_k - seq_q + 1)
-    mask = torch.zeros(seq_q, padded, dtype=dtype, device=device).masked_fill(hidden, -math.inf)
+    visible = torch.ones(seq_q, padded, dtype=torch.bool, device=device)
+    if right >= 0:
+        visible = visible.tril(seq_k - seq_q + right)
+    if left >= 0:
+        visible = visible.triu(seq_k - seq_q - left)
+    mask = torch.zeros(seq_q, padded, dtype=dtype, device=device).masked_fill(~visible, -math.inf)
     return False, mask[:, :seq_k]
 
 
-def _cuda_bias(q, k, causal):
+def _cuda_bias(q, k, causal, window):
     """(is_causal, attn_bias) for the memory-efficient kernel, which wants a bias per (batch, head)
     whose rows start 16-element aligned."""
-    is_causal, mask = _causal_mask(q.shape[2], k.shape[2], causal, q.dtype, q.device, row_alignment=16)
+    is_causal, mask = _mask(q.shape[2], k.shape[2], causal, window, q.dtype, q.device, row_alignment=16)
     return is_causal, None if mask is None else mask.expand(q.shape[0], q.shape[1], -1, -1)
 
 
-def attention_forward(q, k, v, causal, scale):
+# Rows that see no key are leading rows (contract.blind_rows); torch's kernels would give them NaN,
+# so they are cut off and the rest, whose bottom-right mask is the same without them, runs alone.
+
+
+def attention_forward(q, k, v, causal, scale, *, window=None):
     seq_q, seq_k = q.shape[2], k.shape[2]
-    blind = _blind_rows(seq_q, seq_k, causal)
+    blind = blind_rows(seq_q, seq_k, causal, window)
     if blind == 0:
-        o, lse = _forward(q, k, v, causal, scale)
+        o, lse = _forward(q, k, v, causal, scale, window)
         return o.contiguous(), lse[..., :seq_q].float().contiguous()
     o = q.new_zeros(q.shape)
     lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
-    if blind < seq_q:  # the rows that see a key form a square causal problem
-        o_seen, lse_seen = _forward(q[:, :, blind:], k, v, causal, scale)
+    if blind < seq_q:
+        o_seen, lse_seen = _forward(q[:, :, blind:], k, v, causal, scale, window)
         o[:, :, blind:] = o_seen
         lse[:, :, blind:] = lse_seen[..., : seq_q - blind]
     return o, lse
 
 
-def _forward(q, k, v, causal, scale):
+def _forward(q, k, v, causal, scale, window):
     if q.device.type == "cpu":
-        is_causal, mask = _causal_mask(q.shape[2], k.shape[2], causal, q.dtype, q.device)
+        is_causal, mask = _mask(q.shape[2], k.shape[2], causal, window, q.dtype, q.device)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
         )
-    is_causal, bias = _cuda_bias(q, k, causal)
+    is_causal, bias = _cuda_bias(q, k, causal, window)
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
     o, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, is_causal, scale=scale)
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, causal, scale):
+def attention_backward(do, q, k, v, o, lse, causal, scale, *, window=None):
     seq_q, seq_k = q.shape[2], k.shape[2]
-    blind = _blind_rows(seq_q, seq_k, causal)
+    blind = blind_rows(seq_q, seq_k, causal, window)
     if blind == seq_q:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     rows = slice(blind, None)
-    dq_seen, dk, dv = _backward(do[:, :, rows], q[:, :, rows], k, v, o[:, :, rows], lse[:, :, rows], causal, scale)
+    dq_seen, dk, dv = _backward(
+        do[:, :, rows], q[:, :, rows], k, v, o[:, :, rows], lse[:, :, rows], causal, scale, window
+    )
     if blind == 0:
         return dq_seen, dk, dv
     dq = q.new_zeros(q.shape)
@@ -92,14 +111,14 @@ def attention_backward(do, q, k, v, o, lse, causal, scale):
     return dq, dk, dv
 
 
-def _backward(do, q, k, v, o, lse, causal, scale):
+def _backward(do, q, k, v, o, lse, causal, scale, window):
     if q.device.type == "cpu":
-        is_causal, mask = _causal_mask(q.shape[2], k.shape[2], causal, q.dtype, q.device)
+        is_causal, mask = _mask(q.shape[2], k.shape[2], causal, window, q.dtype, q.device)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, q, k, v, o, lse, 0.0, is_causal, attn_mask=mask, scale=scale
         )
     heads, kv_heads = q.shape[1], k.shape[1]
-    is_causal, bias = _cuda_bias(q, k, causal)
+    is_causal, bias = _cuda_bias(q, k, causal, window)
     padded = -(-q.shape[2] // _LSE_ALIGNMENT_CUDA) * _LSE_ALIGNMENT_CUDA
     lse = torch.nn.functional.pad(lse, (0, padded - q.shape[2]))
     no_dropout_seed = torch.empty((), dtype=torch.int64, device=q.device)
@@ -110,6 +129,18 @@ def _backward(do, q, k, v, o, lse, causal, scale):
     if kv_heads != heads:  # the query heads that shared a key/value head add up their gradients
         dk, dv = (t.unflatten(1, (kv_heads, heads // kv_heads)).sum(2) for t in (dk, dv))
     return dq, dk, dv
+
+
+def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *, window=None):
+    return varlen_forward_by_sequence(attention_forward, q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window=window)
+
+
+def varlen_attention_backward(
+    do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *, window=None
+):
+    return varlen_backward_by_sequence(
+        attention_backward, do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, causal, scale, window=window
+    )
 
 
 def _repeat_kv(t, heads):

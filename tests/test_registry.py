@@ -92,3 +92,21 @@ def test_register_and_unregister_round_trip():
     finally:
         registry.unregister_backend("temporary")
     assert "temporary" not in registry.names()
+
+
+def test_backends_declare_their_attention_variants():
+    def backend(variants, modules=None):
+        return registry.Backend("mine", modules or {"attention": "wrapper_backend"}, lambda: (True, ""), variants=variants)
+
+    assert backend(()).variants == frozenset()  # what a backend that says nothing implements
+    assert backend(["window", "varlen"]).variants == {"window", "varlen"}
+    assert backend({"window"}).missing_variants({"window"}) is None
+    assert backend({"window"}).missing_variants({"softcap", "varlen"}) == (
+        "the mine backend has no soft-capping or variable-length (packed) kernel"
+    )
+    with pytest.raises(ValueError, match="Backend.variants must name some of"):
+        backend({"windows"})
+    with pytest.raises(ValueError, match="for a backend with attention"):
+        backend({"window"}, modules={"add_layer_norm": "wrapper_backend"})
+    with pytest.raises(TypeError, match="the string 'window'"):
+        backend("window")
