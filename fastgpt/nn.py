@@ -31,6 +31,9 @@ class GPTConfig:
     pos_encoding: str = "sinusoidal"  # or "learned"
     activation: str = "relu"  # or "gelu"
     tie_weights: bool = False  # share the token embedding with the output layer
+    # each token attends to itself and the sliding_window - 1 tokens before it (Mistral's sliding
+    # window); None: to every earlier token. Checkpoints written before the field load with None.
+    sliding_window: Optional[int] = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -46,6 +49,10 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"GPTConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window < 1
+        ):
+            raise ValueError(f"GPTConfig.sliding_window must be a positive integer or None, got {self.sliding_window!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name, allowed in (
@@ -101,6 +108,8 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.backend = backend
         self.layer_index = layer_index
+        # ops' window: (left, right) keys around each query; the right side is 0 under causal
+        self.window = None if config.sliding_window is None else (config.sliding_window - 1, 0)
         self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
         self.proj = nn.Linear(config.d_model, config.d_model)
 
@@ -111,7 +120,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_index, k, v)
-        o = ops.attention(q, k, v, causal=True, backend=self.backend)
+        o = ops.attention(q, k, v, causal=True, window=self.window, backend=self.backend)
         return self.proj(o.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -447,3 +447,40 @@ def test_bad_varlen_arguments_raise_clear_errors():
     for error, message, kwargs in cases:
         with pytest.raises(error, match=message):
             call(**kwargs)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def test_model_with_a_sliding_window():
+    """A token's logits depend on no token further back than the window reaches through the layers;
+    cached generation agrees with the full forward; the field round-trips and old configs load."""
+    from fastgpt.nn import GPT, GPTConfig, KVCache
+
+    config = GPTConfig(vocab_size=64, context_length=24, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, sliding_window=3)
+    torch.manual_seed(0)
+    model = GPT(config, backend="reference").eval()
+    idx = torch.randint(0, 64, (2, 16))
+    changed = idx.clone()
+    changed[:, 0] = (idx[:, 0] + 1) % 64
+    with torch.no_grad():
+        logits, _ = model(idx)
+        logits_changed, _ = model(changed)
+        reach = config.n_layers * (config.sliding_window - 1)  # each layer looks 2 tokens further back
+        assert torch.equal(logits[:, reach + 1 :], logits_changed[:, reach + 1 :])
+        assert not torch.equal(logits[:, reach], logits_changed[:, reach])
+        cache = KVCache(config, 2, "cpu", torch.float32)
+        model(idx[:, :10], kv_cache=cache)
+        for t in range(10, 16):
+            step, _ = model(idx[:, t : t + 1], kv_cache=cache)
+            assert_close(f"cached logits at {t}", step[:, 0], logits[:, t], torch.float32)
+        torch.manual_seed(0)  # the same weights without the window
+        unwindowed, _ = GPT(GPTConfig(**{**config.to_dict(), "sliding_window": None}), backend="reference").eval()(idx)
+    assert torch.equal(unwindowed[:, : config.sliding_window], logits[:, : config.sliding_window])
+    assert not torch.allclose(unwindowed, logits)
+    assert GPTConfig.from_dict(config.to_dict()) == config
+    old = {name: value for name, value in config.to_dict().items() if name != "sliding_window"}
+    assert GPTConfig.from_dict(old).sliding_window is None
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="sliding_window must be a positive integer"):
+            GPTConfig(sliding_window=bad)
