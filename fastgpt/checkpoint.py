@@ -63,11 +63,27 @@ def save_checkpoint(path, model, optimizer=None, progress=None, random_states=No
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(folder)  # the rename itself survives a power cut only once the folder is on disk
     except OSError as exc:
         raise CheckpointError(f"could not write {path} ({exc}); the checkpoint there before, if any, is unchanged") from exc
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync_folder(folder):
+    """Best effort: the new checkpoint is in place already, so a failure here (or a platform that
+    cannot open a folder, Windows) must not be reported as a failed save."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove_interrupted_saves(folder):
