@@ -11,6 +11,7 @@ the contract every backend keeps is in ``docs/architecture.md``.
 
 import contextlib
 import math
+import numbers
 import os
 import sys
 import threading
@@ -249,7 +250,8 @@ def _variant_options(causal, window, softcap):
 
 
 def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool) or isinstance(x, torch.SymInt)
+    """An int (numpy's too), or a SymInt under torch.compile; never a bool."""
+    return isinstance(x, (numbers.Integral, torch.SymInt)) and not isinstance(x, bool)
 
 
 def _schema_options(options):
@@ -429,10 +431,14 @@ def _check_cu_seqlens(name, cu, device):
 
 
 def _check_max_seqlen(name, hint):
-    if hint is not None and not _is_int(hint):
+    """The hint as the custom op takes it: None, or an int (a SymInt stays one)."""
+    if hint is None:
+        return None
+    if not _is_int(hint):
         raise TypeError(f"{name} must be None or an int, got {hint!r}")
-    if hint is not None and hint < 0:
+    if hint < 0:
         raise ValueError(f"{name} must be >= 0, got {hint}")
+    return hint if isinstance(hint, torch.SymInt) else int(hint)
 
 
 def _longest_sequences(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k):
@@ -590,8 +596,8 @@ def varlen_attention(
             f"cu_seqlens_k must have as many offsets as cu_seqlens_q (batch + 1 = {cu_seqlens_q.numel()}), "
             f"got {cu_seqlens_k.numel()}"
         )
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     scale = _check_scale(scale, d)
     causal, options = _variant_options(bool(causal), window, softcap)
     training = _needs_grad(q, k, v)

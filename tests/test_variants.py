@@ -7,6 +7,7 @@ import math
 import random
 import warnings
 
+import numpy
 import pytest
 import torch
 import wrapper_backend
@@ -362,6 +363,8 @@ def test_defaults_and_windows_that_hide_nothing_are_plain_attention():
     assert torch.equal(ops.attention(q, k, v, window=(-1, 4), backend=name), plain)
     assert torch.equal(ops.attention(q, k, v, causal=False, window=(-1, 0), backend=name), plain)
     assert torch.equal(ops.attention(q, k, v, causal=False, window=[-1, -1], backend=name), ops.attention(q, k, v, causal=False, backend=name))
+    windowed = ops.attention(q, k, v, window=(2, 0), backend="reference")
+    assert torch.equal(ops.attention(q, k, v, window=(numpy.int64(2), 0), backend="reference"), windowed)
 
 
 # ----------------------------------------------------------------------------- torch.compile and opcheck
