@@ -195,16 +195,15 @@ def run_train(args):
                 print(f"skipped {trainer.skipped} step(s) whose loss or gradients were not finite")
     finally:
         lock.release()
-    print(f"checkpoint: {ckpt_file}")
-    if args.sample_tokens:
-        prompt = "def "
-        model = trainer.model.eval()
-        try:
-            out = model.generate(encode(prompt).long()[None].to(device), args.sample_tokens, temperature=0.8, top_k=40)
-        except KeyboardInterrupt:
-            print("interrupted while sampling; the checkpoint is saved", file=sys.stderr)
-            return 130
-        print("sample:\n" + decode(out[0]))
+    try:
+        print(f"checkpoint: {ckpt_file}")
+        if args.sample_tokens:
+            model = trainer.model.eval()
+            out = model.generate(encode("def ").long()[None].to(device), args.sample_tokens, temperature=0.8, top_k=40)
+            print("sample:\n" + decode(out[0]))
+    except KeyboardInterrupt:
+        print("interrupted while sampling; the checkpoint is saved", file=sys.stderr)
+        return 130
     return 0
 
 
