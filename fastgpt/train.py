@@ -231,7 +231,8 @@ class Trainer:
 
     def _save_interrupted(self, checkpoint_file, log):
         if checkpoint_file:
-            self.save(checkpoint_file)
+            if self.saved_step != self.step:  # else a signal during a periodic save: it is saved already
+                self.save(checkpoint_file)
             log(f"interrupted at step {self.step}; checkpoint saved to {checkpoint_file} (continue with --resume)")
 
 

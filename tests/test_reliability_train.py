@@ -84,7 +84,7 @@ def temporary_files(folder):
                          ids=["int-int", "term-int"])
 def test_a_signal_saves_and_a_second_one_does_not_abort_the_save(tmp_path, corpus, first, second):
     out = str(tmp_path / "run")
-    child = start_training(corpus, out, hold_save_s=1.0)
+    child = start_training(corpus, out, hold_save_s=2.0)
     wait_for(child, "training")
     child.send_signal(first)
     said = wait_for(child, "writing")  # the checkpoint is written to its temporary file, not yet renamed

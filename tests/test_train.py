@@ -1,12 +1,15 @@
 """Training: resuming reproduces the uninterrupted run, Ctrl-C saves, divergence stops (or is skipped)
 without touching the weights or the checkpoint. Signals in a real process: tests/test_reliability_train.py."""
 
+import os
+import signal
+
 import pytest
 import torch
 from tiny_training import tiny_trainer
 
 from fastgpt.checkpoint import load_checkpoint
-from fastgpt.train import TrainingDiverged
+from fastgpt.train import Interrupted, TrainingDiverged
 
 
 def test_resume_gives_the_same_next_step_loss(tmp_path):
@@ -38,6 +41,28 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer.run(path, progress=False, log=lambda *_: None)
     assert load_checkpoint(path)["progress"]["step"] == 2
+
+
+def test_sigterm_during_a_periodic_save_stops_after_it_without_saving_twice(tmp_path, monkeypatch):
+    trainer = tiny_trainer(max_steps=10)
+    trainer.cfg.eval_interval = 2
+    saves = []
+    original = trainer.save
+
+    def save_and_get_sigterm(path):
+        if not saves:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by run(): training stops after this save
+        saves.append(trainer.step)
+        original(path)
+
+    monkeypatch.setattr(trainer, "save", save_and_get_sigterm)
+    path = str(tmp_path / "ckpt.safetensors")
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as stopped:
+        trainer.run(path, progress=False, log=lambda *_: None)
+    assert stopped.value.signum == signal.SIGTERM and saves == [2]
+    assert load_checkpoint(path)["progress"]["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == handler  # run() put it back
 
 
 def poison_the_loss(trainer):
