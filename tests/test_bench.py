@@ -271,7 +271,9 @@ def test_hf_op_without_transformers_is_skipped_with_the_reason(monkeypatch):
 def test_hf_op_tiny(tmp_path):
     """`fastgpt bench --op hf` at the tiny size: every pass, batch 1 and a left-padded batch, each
     attention implementation timed, and where fastgpt's attention ran counted honestly."""
-    pytest.importorskip("transformers", reason="transformers is not installed (pip install 'fastgpt[hf]')")
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (pip install 'fastgpt[hf]')"
+    )
     from fastgpt.bench import hf
 
     assert bench.main(["--sizes", "tiny", "--device", "cpu", "--op", "hf", "--out", str(tmp_path)]) == 0
@@ -285,6 +287,7 @@ def test_hf_op_tiny(tmp_path):
         for name in MEASUREMENT_FIELDS + TIMING_FIELDS:
             assert name in r, (name, r)
         assert r["tokens_per_s"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["transformers"] == transformers.__version__
     ours = [r for r in records if r["implementation"] == "fastgpt"]
     for r in ours:
         assert r["kind"] == "fastgpt" and set(r["speedup"]) == {"sdpa", "eager"}

@@ -173,6 +173,12 @@ def _warm_up(step, settings, count_calls):
     return reps, (counter.counts if counter else None), output
 
 
+def transformers_version():
+    import transformers
+
+    return transformers.__version__
+
+
 def _fallback_note(counts):
     total = counts["fastgpt"] + counts["sdpa_fallback"]
     if counts["sdpa_fallback"] == 0:
@@ -244,7 +250,7 @@ def _time_case(models, pass_, batch, new_tokens, shape, tokens, dtype, settings)
         records[name] = {
             "op": "hf", "pass": pass_, "shape": shape, "dtype": DTYPE_NAMES[dtype], "device": settings.device,
             "implementation": name, "kind": kind, "status": "ok", "reason": None, "tokens": tokens,
-            "attn_implementation": name,
+            "attn_implementation": name, "transformers": transformers_version(),
         }
         step = make_step(models[name], pass_, batch, new_tokens)
         try:
@@ -283,8 +289,9 @@ def _time_case(models, pass_, batch, new_tokens, shape, tokens, dtype, settings)
 
 
 def markdown_table(results):
-    """The hf records of ``results`` as a markdown table: each case's median times and fastgpt's
-    ratios (other's time / fastgpt's: above 1 means fastgpt is faster), and where its attention ran."""
+    """The hf records of ``results`` as a markdown table: each case's median times, fastgpt's ratios
+    (other's time / fastgpt's: above 1 means fastgpt is faster), where its attention ran and, for
+    generate, whether it produced the tokens "sdpa" did."""
     recs = [r for r in results["measurements"] if r["op"] == "hf"]
     skipped = [r for r in recs if r["status"] != "ok"]
     ours = [r for r in recs if r["status"] == "ok" and r["implementation"] == "fastgpt"]
@@ -292,8 +299,8 @@ def markdown_table(results):
         return "\n".join(f"hf {r['implementation']}: {r['status']}: {r['reason']}" for r in skipped)
     lines = [
         "| pass | batch | prompt | dtype | fastgpt ms | sdpa ms | eager ms | vs sdpa | vs eager "
-        "| fastgpt attention calls |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| attention calls on fastgpt | generated tokens = sdpa's |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in ours:
         same = [o for o in recs if o["status"] == "ok" and _same_case(o, r)]
@@ -304,9 +311,11 @@ def markdown_table(results):
         prompt = f"{s['prompt']}" + (f" + {s['new_tokens']} new" if "new_tokens" in s else "")
         calls = r.get("attention_calls", {})
         where = f"{calls.get('fastgpt', 0)} of {calls.get('fastgpt', 0) + calls.get('sdpa_fallback', 0)}"
+        same = {True: "yes", False: "**no**"}.get(r.get("same_tokens_as_sdpa"), "–")
         lines.append(
             f"| {r['pass']} | {batch} | {prompt} | {r['dtype']} | {ms['fastgpt']} | {ms.get('sdpa', '–')} "
-            f"| {ms.get('eager', '–')} | {ratio.get('sdpa', '–')} | {ratio.get('eager', '–')} | {where} |"
+            f"| {ms.get('eager', '–')} | {ratio.get('sdpa', '–')} | {ratio.get('eager', '–')} "
+            f"| {where} | {same} |"
         )
     lines += [f"- {r['implementation']} {r['pass']}: {r['status']}: {r['reason']}" for r in skipped]
     return "\n".join(lines)
