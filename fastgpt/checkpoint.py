@@ -12,7 +12,7 @@ import glob
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -57,9 +57,13 @@ def save_checkpoint(path, model, optimizer=None, progress=None, random_states=No
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
-        os.close(fd)
+        # created here, not by tempfile.mkstemp or safetensors, whose files are private (0600): a
+        # checkpoint gets the permissions the umask gives a new file
+        tmp = os.path.join(folder, f".ckpt-{secrets.token_hex(8)}.tmp")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = os.stat(tmp).st_mode
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

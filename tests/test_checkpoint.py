@@ -80,3 +80,13 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with pytest.raises(CheckpointError, match="NaN or inf"):
         trainer.save(path)
     assert open(path, "rb").read() == good
+
+
+def test_a_checkpoint_gets_the_permissions_of_the_umask(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "ckpt.safetensors"
+        tiny_trainer().save(str(path))
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
