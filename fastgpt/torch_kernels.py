@@ -83,8 +83,23 @@ def attention_forward(q, k, v, causal, scale, *, window=None):
     return o, lse
 
 
+def _unit_stride_rows(t):
+    """``t``, or a contiguous copy where torch's CPU flash kernel would read it wrong: it assumes
+    a unit stride along the head dim and rows and heads that do not overlap in memory (an
+    expanded or transposed view gives wrong outputs, not an error)."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    reach = 0  # the furthest element offset the smaller strides reach: a larger stride must pass it
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= reach:
+            return t.contiguous()
+        reach += stride * (size - 1)
+    return t
+
+
 def _forward(q, k, v, causal, scale, window):
     if q.device.type == "cpu":
+        q, k, v = (_unit_stride_rows(t) for t in (q, k, v))
         is_causal, mask = _mask(q.shape[2], k.shape[2], causal, window, q.dtype, q.device)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
@@ -113,6 +128,7 @@ def attention_backward(do, q, k, v, o, lse, causal, scale, *, window=None):
 
 def _backward(do, q, k, v, o, lse, causal, scale, window):
     if q.device.type == "cpu":
+        do, q, k, v = (_unit_stride_rows(t) for t in (do, q, k, v))
         is_causal, mask = _mask(q.shape[2], k.shape[2], causal, window, q.dtype, q.device)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, q, k, v, o, lse, 0.0, is_causal, attn_mask=mask, scale=scale
@@ -166,7 +182,9 @@ def _norm_dtype(h, weight, bias):
 
 
 def add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32):
-    h = torch.add(x, residual).to(residual_stream_dtype(x.dtype, residual_in_fp32))
+    h_dtype = residual_stream_dtype(x.dtype, residual_in_fp32)
+    # the sum is taken in h's dtype when that is wider (fp32 residual stream): no half rounding first
+    h = torch.add(x.to(h_dtype), residual.to(h_dtype)) if h_dtype != x.dtype else torch.add(x, residual).to(h_dtype)
     dtype = _norm_dtype(h, weight, bias)
     h_n, w, b = (None if t is None else t.to(dtype) for t in (h, weight, bias))
     n = [h.shape[-1]]

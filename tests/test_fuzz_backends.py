@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 
 import pytest
 import torch
-from conftest import BACKENDS, TOLERANCE, skip_unless_runs
+from conftest import BACKENDS, TOLERANCE, skip_unless_runs, skip_unless_supports
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -96,20 +96,6 @@ def special_q_or_k(q, k, v, causal):
     return not (q.isfinite().all() and k.isfinite().all())
 
 
-def strided_or_overlapping(*tensors):
-    """A tensor whose last dimension is not contiguous, or whose rows, heads or batches overlap in
-    memory (dimensions of stride 0, expanded ones, are not counted)."""
-    for t in tensors:
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
-            return True
-        end = t.shape[-1]
-        for stride, size in sorted((s, n) for n, s in zip(t.shape[:-1], t.stride()[:-1]) if n > 1 and s > 0):
-            if stride < end:
-                return True
-            end = stride * size
-    return False
-
-
 class Difference(NamedTuple):
     """A way a backend differs from the oracle: for which op, the inputs where it does (a condition
     on the op's keyword arguments), why, and one example of them."""
@@ -153,14 +139,6 @@ BLIND_ROW = Difference(
     "(its zero probabilities are multiplied by v)",
     _example_blind_row,
 )
-STRIDES = Difference(
-    "attention",
-    lambda q, k, v, causal: strided_or_overlapping(q, k, v),
-    "aten._scaled_dot_product_flash_attention_for_cpu is wrong for q/k/v whose last dimension is not "
-    "contiguous (transposed, sliced) or whose rows/heads overlap in memory; fastgpt/torch_kernels.py "
-    "passes such tensors to it unchanged",
-    _example_transposed_v,
-)
 NAN_SCORES = Difference(
     "attention",
     special_q_or_k,
@@ -181,13 +159,6 @@ def _example_half_sum():
     return dict(x=x, residual=residual, weight=None, bias=None, residual_in_fp32=True)
 
 
-HALF_SUM = Difference(
-    "add_layer_norm",
-    lambda x, residual, weight, bias, residual_in_fp32: residual_in_fp32 and x.dtype == residual.dtype == torch.float16,
-    "with residual_in_fp32, a half-precision x + residual is rounded to half precision (torch.add in the "
-    "inputs' dtype) before h is stored in float32: h is off by ~3e-4 where the sum is exact in float32",
-    _example_half_sum,
-)
 
 # examples meeting a backend's conditions are left out of the fuzz; test_known_differences_remain
 # shows each one (a strict xfail: when a backend is fixed, it fails until its entry here goes)
@@ -196,7 +167,7 @@ KNOWN_DIFFERENCES = {
     "wrapped": [BLIND_ROW],  # tests/wrapper_backend.py runs the reference
     "native": [BLIND_ROW],
     "triton": [BLIND_ROW, MINUS_INF_SCORES],
-    "torch": [STRIDES, NAN_SCORES, MINUS_INF_SCORES, HALF_SUM],
+    "torch": [NAN_SCORES, MINUS_INF_SCORES],
 }
 
 
@@ -214,7 +185,29 @@ def test_known_differences_remain(backend, difference):
     skip_unless_runs(backend, "cpu")
     inputs = difference.example()
     assert difference.condition(**inputs)
-    if difference.op == "attention":
+    check_example(backend, difference.op, inputs)
+
+
+# differences the fuzz found and that were fixed (the torch backend's): every backend must pass
+FIXED_EXAMPLES = {"transposed-v": ("attention", _example_transposed_v), "fp32-residual-of-halves": ("add_layer_norm", _example_half_sum)}
+
+
+@pytest.mark.parametrize("example", FIXED_EXAMPLES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_differences_stay_fixed(backend, example):
+    skip_unless_runs(backend, "cpu")
+    op, make = FIXED_EXAMPLES[example]
+    inputs = make()
+    if op == "attention":
+        skip_unless_supports(op, backend, inputs["q"], inputs["k"], inputs["v"])
+    else:
+        skip_unless_supports(op, backend, inputs["x"], inputs["residual"], inputs["weight"], inputs["bias"])
+    check_example(backend, op, inputs)
+
+
+def check_example(backend, op, inputs):
+    """``backend`` against the oracle on one example's inputs."""
+    if op == "attention":
         q, k, v, causal = inputs["q"], inputs["k"], inputs["v"], inputs["causal"]
         expected = oracle_attention(q, k, v, causal, 1 / math.sqrt(q.shape[-1]))
         compare(f"{backend} attention", ops.attention(q, k, v, causal=causal, backend=backend), expected, q.dtype)
