@@ -96,7 +96,7 @@ def _check_backend(backend, device, config):
     x = torch.zeros(1, 2, config.d_model, device=device)
     weight = torch.ones(config.d_model, device=device)
     for op, inputs in (("attention", (q, kv, kv)), ("add_layer_norm", (x, x, weight, torch.zeros_like(weight)))):
-        reason = ops._unsupported_reason(op, backend, inputs)
+        reason = ops.unsupported_reason(op, backend, inputs)
         if reason is not None:
             raise UsageError(f"{named_by}: cannot run this model on {device}: {reason}")
 
@@ -296,6 +296,7 @@ def run_info(args):
         "triton": _version("triton"),
         "extension": _extension_info(),
         "backends": fastgpt.backends(),
+        "auto": _auto_info(),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -305,6 +306,11 @@ def run_info(args):
             print("backends:")
             for name, b in value.items():
                 print(f"  {name:<10} {'available  ' if b['available'] else 'unavailable'}  {b['reason']}")
+        elif key == "auto":
+            print(f"auto picks (device class {value['device_class']}, table: {value['table']}):")
+            for pick in value["picks"]:
+                choices = "  ".join(f"{dtype}: {backend}" for dtype, backend in pick["backend"].items())
+                print(f"  {pick['op']:<15} {pick['call']:<58} {choices}")
         elif isinstance(value, dict):
             print(f"{key}:")
             for name, item in value.items():
@@ -312,6 +318,29 @@ def run_info(args):
         else:
             print(f"{key}: {value}")
     return 0
+
+
+def _auto_info():
+    """What ``auto`` picks for a few typical calls on this machine's default device, and from
+    which measured table (fastgpt/auto_rule.py)."""
+    from fastgpt import auto_rule
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = (torch.float32, torch.bfloat16) if device == "cpu" else (torch.bfloat16, torch.float16)
+    device_class = auto_rule.device_class(device)
+    try:
+        _, table = auto_rule.load(device_class)
+        picks = {}
+        for dtype in dtypes:
+            for op, call, _bucket, backend in auto_rule.typical_choices(device, dtype):
+                picks.setdefault((op, call), {})[str(dtype).removeprefix("torch.")] = backend
+    except auto_rule.TableError as exc:
+        return {"device_class": device_class, "table": f"unreadable: {exc}", "picks": []}
+    return {
+        "device_class": device_class,
+        "table": table or "none for this device class (the registry's order)",
+        "picks": [{"op": op, "call": call, "backend": backends} for (op, call), backends in picks.items()],
+    }
 
 
 def _version(module):

@@ -60,8 +60,6 @@ def unsupported_reason(op, name, args, variants=frozenset()):
     return getattr(impl, f"{op}_unsupported")(*args)
 
 
-_unsupported_reason = unsupported_reason  # TODO(lead): drop once fastgpt/cli.py uses the public name
-
 _warned = set()
 
 

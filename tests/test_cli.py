@@ -1,6 +1,7 @@
 """The ``fastgpt`` command on tiny configurations: train, resume, sample, info, build, and user errors
 (found before training starts). Faults that need a separate process: tests/test_reliability_cli.py."""
 
+import json
 import re
 import sys
 
@@ -42,6 +43,18 @@ def test_info_lists_the_backends_and_describes_the_extension(capsys):
     for name in ("reference", "native", "triton"):
         assert name in printed
     assert "\nextension:\n  origin: " in printed and "  cache: " in printed
+    assert "auto picks (device class cpu-" in printed and "decode, GQA 32/8 heads" in printed
+
+
+def test_info_json_says_what_auto_picks(capsys):
+    from fastgpt import registry
+
+    assert main(["info", "--json"]) == 0
+    auto = json.loads(capsys.readouterr().out)["auto"]
+    assert auto["device_class"].startswith("cpu-") and auto["picks"]
+    for pick in auto["picks"]:
+        assert set(pick["backend"]) == {"float32", "bfloat16"}
+        assert set(pick["backend"].values()) <= set(registry.names())
 
 
 def test_build_says_where_the_extension_is(capsys, monkeypatch):

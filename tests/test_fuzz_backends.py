@@ -31,7 +31,7 @@ SPECIALS = (math.nan, math.inf, -math.inf)
 
 def dtypes_taken(op, backend, make):
     """The dtypes of DTYPES that ``backend`` takes for ``op`` (asked with inputs made by ``make(dtype)``)."""
-    return [dtype for dtype in DTYPES if ops._unsupported_reason(op, backend, make(dtype)) is None]
+    return [dtype for dtype in DTYPES if ops.unsupported_reason(op, backend, make(dtype)) is None]
 
 
 def laid_out(data, values, name, layouts=LAYOUTS):
@@ -266,7 +266,7 @@ def test_attention_matches_the_oracle(backend):
         if special is not None:
             plant(data, tensors[special], special)
         q, k, v = tensors["q"], tensors["k"], tensors["v"]
-        assume(ops._unsupported_reason("attention", backend, (q, k, v)) is None)
+        assume(ops.unsupported_reason("attention", backend, (q, k, v)) is None)
         assume(not known(backend, "attention", q=q, k=k, v=v, causal=causal))
         scale = 1 / math.sqrt(head_dim)
         expected = oracle_attention(q, k, v, causal, scale)
@@ -330,7 +330,7 @@ def test_add_layer_norm_matches_the_oracle(backend):
         if special is not None:
             plant(data, inputs[special], special)
         x, residual, weight, bias = inputs["x"], inputs["residual"], inputs.get("weight"), inputs.get("bias")
-        assume(ops._unsupported_reason("add_layer_norm", backend, (x, residual, weight, bias)) is None)
+        assume(ops.unsupported_reason("add_layer_norm", backend, (x, residual, weight, bias)) is None)
         assume(not known(backend, "add_layer_norm", x=x, residual=residual, weight=weight, bias=bias,
                          residual_in_fp32=residual_in_fp32))
         h_dtype = residual_stream_dtype(x.dtype, residual_in_fp32)
