@@ -72,6 +72,9 @@ def attention_forward(q, k, v, causal, scale, *, window=None, softcap=0.0):
     q32, k32, v32 = q.to(ct), _expand_kv(k, heads).to(ct), _expand_kv(v, heads).to(ct)
     probs, lse, _ = _probabilities(q32, k32, causal, scale, window, softcap)
     o = probs @ v32
+    visible = _visible_keys(q.shape[-2], k.shape[-2], causal, window, q.device)
+    if visible is not None:  # a row that sees no key is zeros whatever v holds (its 0 · NaN would be NaN)
+        o = o.masked_fill(~visible.any(-1, keepdim=True), 0.0)
     return o.to(q.dtype), lse.to(torch.float32)
 
 
