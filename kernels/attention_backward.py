@@ -10,8 +10,7 @@ import triton.language as tl
 
 from . import interpreting
 from .attention_configs import (
-    DKDV_CONFIGS, DQ_CONFIGS, INTERPRETER_BLOCKS, autotuned, dkdv_shared_bytes, dq_shared_bytes, head_dim_padded,
-    launch, seq_bucket, shape_constexprs, strides,
+    INTERPRETER_BLOCKS, autotuned, head_dim_padded, launch, seq_bucket, shape_constexprs, strides,
 )
 from .attention_forward import LOG2E
 from .launch import KernelLaunch, on_device
@@ -268,8 +267,8 @@ def attention_backward_dq_kernel(
                dq.to(dq_ptr.dtype.element_ty), rows, seq_q, offs_d, HEAD_DIM, PAD_D)
 
 
-dkdv_tuned = autotuned(attention_backward_dkdv_kernel, DKDV_CONFIGS, dkdv_shared_bytes)
-dq_tuned = autotuned(attention_backward_dq_kernel, DQ_CONFIGS, dq_shared_bytes)
+dkdv_tuned = autotuned(attention_backward_dkdv_kernel, "backward_dkdv")
+dq_tuned = autotuned(attention_backward_dq_kernel, "backward_dq")
 
 
 def preprocess_launch(o, do, delta, block_m):

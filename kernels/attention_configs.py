@@ -1,33 +1,61 @@
 """How the Triton attention kernels are launched: the tiles each GPU generation's autotuner may
-pick, which of them fit the device's shared memory, and the fixed small tile of the interpreter."""
+pick, which of them fit the device's shared memory (by their compiled size, from the table in
+``attention_resources``), and the fixed small tile of the interpreter."""
+
+import functools
 
 import torch
 import triton
 
 from . import interpreting
+from .attention_resources import RESOURCES
 
 # Under the interpreter every program runs one after another in numpy: one small tile, no autotuning.
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick, per GPU generation. BLOCK_M is
-# the query tile and BLOCK_N the key tile in every kernel. On Hopper a 128-row tile with 8 warps
-# (two warpgroups of 64 rows) lets tl.dot lower to wgmma; K/V (or Q/dO) tiles are software
-# pipelined num_stages deep through shared memory.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick, per (GPU generation, bytes per
+# element). BLOCK_M is the query tile and BLOCK_N the key tile in every kernel. On Hopper a 128-row
+# tile with 8 warps (two warpgroups of 64 rows) lets tl.dot lower to wgmma; K/V (or Q/dO) tiles are
+# software pipelined num_stages deep through shared memory. The small tiles at the end of each list
+# (FALLBACK_TILES) are tried only where none of the others fits (head dim 256, 99 KB parts); fp32
+# ("ieee" products on the FMA units, twice the bytes per element) gets small tiles only: larger
+# ones spill heavily or exceed shared memory. Whether a tile fits a device is decided from its
+# compiled shared memory (``attention_resources``), never from an estimate.
+_SMALL_FORWARD = [(64, 32, 4, 2), (32, 32, 4, 2)]
 FORWARD_CONFIGS = {
-    "hopper": [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
-    "ampere": [(128, 64, 8, 3), (64, 64, 4, 3)],
+    ("hopper", 2): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), *_SMALL_FORWARD],
+    ("ampere", 2): [(128, 64, 8, 3), (64, 64, 4, 3), *_SMALL_FORWARD],
+    ("hopper", 4): _SMALL_FORWARD,
+    ("ampere", 4): _SMALL_FORWARD,
 }
 # dK/dV: one key tile (BLOCK_N) stays in registers while query tiles (BLOCK_M) stream past it
-DKDV_CONFIGS = {
-    "hopper": [(64, 128, 8, 2), (32, 64, 4, 2)],
-    "ampere": [(64, 128, 8, 2), (32, 64, 4, 2)],
+_SMALL_DKDV = [(16, 32, 4, 2)]
+DKDV_CONFIGS = {  # at head dim 128 every sm_90 tile spills (16..624 B of stack): the 16-row one least
+    ("hopper", 2): [(64, 128, 8, 2), (32, 64, 8, 2), (16, 128, 8, 2), *_SMALL_DKDV],
+    ("ampere", 2): [(64, 128, 8, 2), (32, 64, 8, 2), *_SMALL_DKDV],
+    ("hopper", 4): _SMALL_DKDV,
+    ("ampere", 4): _SMALL_DKDV,
 }
 # dQ: one query tile stays in registers while key tiles stream past it
+_SMALL_DQ = [(32, 32, 4, 2)]
 DQ_CONFIGS = {
-    "hopper": [(128, 64, 8, 2), (64, 64, 4, 2)],
-    "ampere": [(128, 64, 8, 2), (64, 64, 4, 2)],
+    ("hopper", 2): [(128, 64, 8, 2), (64, 64, 4, 2), *_SMALL_DQ],
+    ("ampere", 2): [(128, 64, 8, 2), (64, 64, 4, 2), *_SMALL_DQ],
+    ("hopper", 4): _SMALL_DQ,
+    ("ampere", 4): _SMALL_DQ,
 }
-KNOWN_SHARED_MEMORY = {"hopper": 232448, "ampere": 166912}  # opt-in bytes per block, sm_90 and sm_80
+# decode: (BLOCK_N, num_stages) of the key tile per bytes per element, in order of preference;
+# BLOCK_M is the GQA group's rows (16..64), 4 warps. fp32 tiles of 64 keys never fit at head dim 256
+# and take minutes to compile at any.
+DECODE_TILES = {2: [(64, 3), (64, 2), (32, 2), (16, 2)], 4: [(32, 2), (16, 2)]}
+DECODE_MAX_ROWS = 64  # at most this many rows (queries × GQA group size) in one decode tile
+DECODE_WARPS = 4
+FALLBACK_TILES = {"forward": _SMALL_FORWARD, "backward_dkdv": _SMALL_DKDV, "backward_dq": _SMALL_DQ}
+CONFIGS = {"forward": FORWARD_CONFIGS, "backward_dkdv": DKDV_CONFIGS, "backward_dq": DQ_CONFIGS}
+ARCH_OF_TARGET = {80: "ampere", 90: "hopper"}  # the compile target each generation's table comes from
+# opt-in shared memory per block: the limits of the parts the tables are checked against
+SHARED_MEMORY_LIMITS = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
+KNOWN_SHARED_MEMORY = {"hopper": SHARED_MEMORY_LIMITS["sm_90"], "ampere": SHARED_MEMORY_LIMITS["sm_86"]}
 
 
 def head_dim_padded(head_dim):
@@ -49,21 +77,88 @@ def strides(t):
     return tuple(t.stride())
 
 
-def forward_shared_bytes(block_m, block_n, num_stages, padded_head_dim, itemsize):
-    return (block_m + 2 * num_stages * block_n) * padded_head_dim * itemsize  # Q + pipelined K, V
-
-
-def dkdv_shared_bytes(block_m, block_n, num_stages, padded_head_dim, itemsize):
-    return (2 * block_n + 2 * num_stages * block_m) * padded_head_dim * itemsize  # K, V + pipelined Q, dO
-
-
-def dq_shared_bytes(block_m, block_n, num_stages, padded_head_dim, itemsize):
-    return (2 * block_m + 2 * num_stages * block_n) * padded_head_dim * itemsize  # Q, dO + pipelined K, V
-
-
 def all_blocks(configs_by_arch):
     """Every configuration of any generation, in a stable order without repeats."""
     return list(dict.fromkeys(b for blocks in configs_by_arch.values() for b in blocks))
+
+
+def decode_blocks(block_n, num_stages):
+    """The decode configuration the resource table lists for a key tile: its widest tile of rows."""
+    return (DECODE_MAX_ROWS, block_n, DECODE_WARPS, num_stages)
+
+
+def decode_candidates(itemsize):
+    """The decode configurations the table lists for this element size, in order of preference."""
+    return [decode_blocks(n, stages) for n, stages in DECODE_TILES[itemsize]]
+
+
+def resources(kernel, arch, itemsize, padded_head_dim, blocks):
+    """``{"registers", "stack", "shared"}`` of one configuration as compiled ahead of time
+    (``attention_resources``), or None when the table does not list it."""
+    entry = RESOURCES.get((kernel, arch, itemsize, padded_head_dim, tuple(blocks)))
+    return None if entry is None else dict(zip(("registers", "stack", "shared"), entry))
+
+
+def fitting_blocks(kernel, candidates, arch, shared_limit, padded_head_dim, itemsize):
+    """The candidates whose compiled shared memory fits ``shared_limit`` bytes. A candidate the
+    table lacks is never picked (tests/test_attention_triton_aot.py keeps the table complete)."""
+    return [b for b in candidates
+            if (usage := resources(kernel, arch, itemsize, padded_head_dim, b)) is not None
+            and usage["shared"] <= shared_limit]
+
+
+def usable_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize):
+    """The configurations of a tuned ``kernel`` that fit this device, in tiers: its generation's
+    tiles that fit and compiled without a stack frame (no spills); else those that fit; else the
+    small fallback tiles likewise. Empty when nothing fits."""
+    listed, fallback = CONFIGS[kernel][arch, itemsize], FALLBACK_TILES[kernel]
+    for tier in ([b for b in listed if b not in fallback], [b for b in listed if b in fallback]):
+        fits = fitting_blocks(kernel, tier, arch, shared_limit, padded_head_dim, itemsize)
+        without_stack = [b for b in fits if resources(kernel, arch, itemsize, padded_head_dim, b)["stack"] == 0]
+        if fits:
+            return without_stack or fits
+    return []
+
+
+def select_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize, seq_q, seq_k):
+    """The configurations of ``kernel`` the autotuner may try on this device: usable ones
+    (``usable_blocks``) without tiles far larger than the sequences. Empty when none fits, which
+    ``unsupported_reason`` reports before any launch."""
+    usable = usable_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize)
+    if not usable:
+        return []
+    bound_m = max(triton.next_power_of_2(seq_q), min(b[0] for b in usable))
+    bound_n = max(triton.next_power_of_2(seq_k), min(b[1] for b in usable))
+    return [b for b in usable if b[0] <= bound_m and b[1] <= bound_n] or usable
+
+
+def decode_tile(arch, shared_limit, padded_head_dim, itemsize):
+    """(BLOCK_N, num_stages) of the decode kernel (not autotuned): the first of DECODE_TILES that
+    fits with the smallest stack frame (none: no spills); None when none fits."""
+    fits = fitting_blocks("decode", decode_candidates(itemsize), arch, shared_limit, padded_head_dim, itemsize)
+    if not fits:
+        return None
+    best = min(fits, key=lambda b: resources("decode", arch, itemsize, padded_head_dim, b)["stack"])  # first of ties
+    return best[1], best[3]
+
+
+def unsupported_reason(arch, shared_limit, padded_head_dim, itemsize):
+    """None when every attention kernel has a configuration whose compiled shared memory fits
+    ``shared_limit`` bytes, else which kernel has none."""
+    for kernel in (*CONFIGS, "decode"):
+        if kernel == "decode":
+            candidates = decode_candidates(itemsize)
+            fits = decode_tile(arch, shared_limit, padded_head_dim, itemsize) is not None
+        else:
+            candidates = CONFIGS[kernel][arch, itemsize]
+            fits = bool(usable_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize))
+        if not fits:
+            needs = [u["shared"] for b in candidates
+                     if (u := resources(kernel, arch, itemsize, padded_head_dim, b)) is not None]
+            smallest = f"the smallest tile needs {min(needs)} B" if needs else "no tile of it was compiled"
+            return (f"no {kernel} tile at head dim {padded_head_dim} (padded) with {itemsize}-byte elements fits "
+                    f"this GPU's {shared_limit} B of shared memory per block ({smallest})")
+    return None
 
 
 def _as_config(blocks):
@@ -75,60 +170,48 @@ def _blocks_of(config):
     return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
 
 
-def _arch_of(device):
+def arch_of(device):
+    """The generation whose configurations and resource table a CUDA device uses."""
     major, _ = torch.cuda.get_device_capability(device)
     return "hopper" if major == 9 else "ampere"
 
 
-def _shared_memory_limit(device, arch):
+@functools.cache
+def _device_limits(index):
+    device = torch.device("cuda", index)
+    arch = arch_of(device)
     try:
-        return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+        limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
     except Exception:  # noqa: BLE001 - an older driver API: fall back to the generation's known limit
-        return KNOWN_SHARED_MEMORY[arch]
+        limit = KNOWN_SHARED_MEMORY[arch]
+    return arch, limit
 
 
-def select_blocks(configs_by_arch, shared_bytes, arch, shared_limit, padded_head_dim, itemsize, seq_q, seq_k):
-    """This generation's configurations whose shared memory fits (with room for Triton's own
-    scratch), without tiles far larger than the sequences; the smallest one if none fits."""
-    candidates = configs_by_arch[arch]
-    smallest_m = min(b[0] for b in candidates)
-    smallest_n = min(b[1] for b in candidates)
-    fits = [
-        b
-        for b in candidates
-        if shared_bytes(b[0], b[1], b[3], padded_head_dim, itemsize) + 8192 <= shared_limit
-        and b[0] <= max(triton.next_power_of_2(seq_q), smallest_m)
-        and b[1] <= max(triton.next_power_of_2(seq_k), smallest_n)
-    ]
-    if fits:
-        return fits
-    return [min(candidates, key=lambda b: shared_bytes(b[0], b[1], b[3], padded_head_dim, itemsize))]
+def device_limits(device):
+    """(generation, opt-in shared memory bytes per block) of a CUDA device."""
+    return _device_limits(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _pruner(configs_by_arch, shared_bytes):
+def _pruner(kernel):
     def prune(configs, named_args, **kwargs):
         q = named_args["q_ptr"]
-        arch = _arch_of(q.device)
-        chosen = set(
-            select_blocks(
-                configs_by_arch, shared_bytes, arch, _shared_memory_limit(q.device, arch),
-                kwargs["HEAD_DIM_PADDED"], q.element_size(), named_args["seq_q"], named_args["seq_k"],
-            )
-        )
+        arch, limit = device_limits(q.device)
+        chosen = set(select_blocks(kernel, arch, limit, kwargs["HEAD_DIM_PADDED"], q.element_size(),
+                                   named_args["seq_q"], named_args["seq_k"]))
         return [c for c in configs if _blocks_of(c) in chosen]
 
     return prune
 
 
-def autotuned(kernel, configs_by_arch, shared_bytes):
-    """``kernel`` behind an autotuner over the configurations of every generation, pruned to this
-    device's generation and shared memory."""
+def autotuned(jit_kernel, kernel):
+    """``jit_kernel`` behind an autotuner over the configurations of ``kernel`` (a CONFIGS key) of
+    every generation and dtype, pruned to this device's generation, dtype and shared memory."""
     return triton.autotune(
-        configs=[_as_config(b) for b in all_blocks(configs_by_arch)],
+        configs=[_as_config(b) for b in all_blocks(CONFIGS[kernel])],
         # tensor dtypes join the key automatically
         key=["HEAD_DIM", "CAUSAL", "seq_q_bucket", "seq_k_bucket"],
-        prune_configs_by={"early_config_prune": _pruner(configs_by_arch, shared_bytes)},
-    )(kernel)
+        prune_configs_by={"early_config_prune": _pruner(kernel)},
+    )(jit_kernel)
 
 
 def launch(tuned, kernel, grid, args, constexprs):

@@ -11,16 +11,20 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .attention_configs import INTERPRETER_BLOCKS, head_dim_padded, shape_constexprs, strides
+from .attention_configs import (
+    DECODE_MAX_ROWS, DECODE_WARPS, INTERPRETER_BLOCKS, decode_tile, device_limits, head_dim_padded, shape_constexprs,
+    strides,
+)
 from .attention_forward import LN2, LOG2E, forward_key_tiles, normalized_rows
 from .launch import KernelLaunch
 
-# At most this many queries, and queries × GQA group size rows, go to the decode kernel; keys are
-# split at most DECODE_MAX_SPLITS ways, and the merge handles DECODE_COMBINE_ROWS rows a program.
+# At most this many queries, and queries × GQA group size rows (DECODE_MAX_ROWS), go to the decode
+# kernel; keys are split at most DECODE_MAX_SPLITS ways, and the merge sums DECODE_COMBINE_SPLITS
+# splits of a row at a time (a (splits, head_dim) fp32 tile per step stays small in registers).
 DECODE_MAX_QUERIES = 4
-DECODE_MAX_ROWS = 64
 DECODE_MAX_SPLITS = 128
-DECODE_COMBINE_ROWS = 16
+DECODE_COMBINE_SPLITS = 16
+DECODE_COMBINE_WARPS = 4
 DecodePlan = collections.namedtuple("DecodePlan", "block_m block_n num_stages splits keys_per_split")
 
 
@@ -106,42 +110,34 @@ def attention_decode_combine_kernel(
     lse_ptr,  # (batch, heads, seq_q) fp32 output, contiguous
     stride_ob, stride_oh, stride_om, stride_od,
     heads, seq_q, rows, splits,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_R: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
-    """Merge the splits of each row by their log-sum-exp, one split at a time (an online softmax over splits)."""
-    flat_row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    is_row = flat_row < rows
+    """Merge the splits of one row by their log-sum-exp: one program per row, the splits' weights
+    from one max over all of them, their outputs summed SPLIT_CHUNK at a time in split order (the
+    same order on every run: deterministic)."""
+    flat_row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    lse2 = tl.load(part_lse_ptr + offs_s * rows + flat_row, mask=offs_s < splits, other=float("-inf"))
+    total_max = tl.max(lse2, 0)
+    shift = tl.where(total_max == float("-inf"), 0.0, total_max)  # no split saw a key: weights 0, not NaN
+    total_sum = tl.sum(tl.math.exp2(lse2 - shift), 0)
+    offs_c = tl.arange(0, SPLIT_CHUNK)
     offs_d = tl.arange(0, HEAD_DIM_PADDED)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM_PADDED], dtype=tl.float32)
-    total_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    total_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for split in range(0, splits):
+    acc = tl.zeros([HEAD_DIM_PADDED], dtype=tl.float32)
+    for chunk in range(0, splits, SPLIT_CHUNK):
+        split = chunk + offs_c
         part_row = split * rows + flat_row
-        lse2 = tl.load(part_lse_ptr + part_row, mask=is_row, other=float("-inf"))
-        part = tl.load(part_o_ptr + part_row[:, None] * HEAD_DIM_PADDED + offs_d[None, :], mask=is_row[:, None],
-                       other=0.0)
-        new_max = tl.maximum(total_max, lse2)
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no key yet: weights 0, not NaN
-        correction = tl.math.exp2(total_max - shift)
-        weight = tl.math.exp2(lse2 - shift)
-        acc = acc * correction[:, None] + part * weight[:, None]
-        total_sum = total_sum * correction + weight
-        total_max = new_max
-    out, lse2 = normalized_rows(acc, total_max, total_sum)
-    tl.store(lse_ptr + flat_row, lse2 * LN2, mask=is_row)
+        weight = tl.math.exp2(tl.load(part_lse_ptr + part_row, mask=split < splits, other=float("-inf")) - shift)
+        part = tl.load(part_o_ptr + part_row[:, None] * HEAD_DIM_PADDED + offs_d[None, :],
+                       mask=split[:, None] < splits, other=0.0)
+        acc += tl.sum(part * weight[:, None], 0)
+    sees_keys = total_sum > 0.0
+    out = acc / tl.where(sees_keys, total_sum, 1.0)
+    tl.store(lse_ptr + flat_row, tl.where(sees_keys, total_max + tl.math.log2(total_sum), float("-inf")) * LN2)
     batch_head = flat_row // seq_q
-    o_ptrs = (o_ptr + (batch_head // heads).to(tl.int64)[:, None] * stride_ob
-              + (batch_head % heads)[:, None] * stride_oh + (flat_row % seq_q)[:, None] * stride_om
-              + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=is_row[:, None] & (offs_d[None, :] < HEAD_DIM))
-
-
-def decode_tiles(padded_head_dim, itemsize):
-    """The decode kernel's key tile and pipeline depth on a GPU: K and V tiles 3 deep where they
-    fit in 96 KiB of shared memory, else 2."""
-    block_n = 64 if padded_head_dim <= 128 else 32
-    num_stages = 3 if 2 * 3 * block_n * padded_head_dim * itemsize <= 96 * 1024 else 2
-    return block_n, num_stages
+    o_ptrs = (o_ptr + (batch_head // heads) * stride_ob + (batch_head % heads) * stride_oh
+              + (flat_row % seq_q) * stride_om + offs_d * stride_od)
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 def decode_plan(batch, kv_heads, group_size, seq_q, seq_k, head_dim, q):
@@ -154,7 +150,10 @@ def decode_plan(batch, kv_heads, group_size, seq_q, seq_k, head_dim, q):
     if interpreting():
         block_n, wanted_splits, num_stages = INTERPRETER_BLOCKS["BLOCK_N"], 4, 1
     else:
-        block_n, num_stages = decode_tiles(head_dim_padded(head_dim), q.element_size())
+        tile = decode_tile(*device_limits(q.device), head_dim_padded(head_dim), q.element_size())
+        if tile is None:  # attention_unsupported declines these inputs first
+            raise ValueError(f"no decode tile fits this GPU's shared memory at head_dim {head_dim}, {q.dtype}")
+        block_n, num_stages = tile
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
         wanted_splits = triton.cdiv(2 * sms, batch * kv_heads)
     splits = max(1, min(wanted_splits, triton.cdiv(seq_k, 2 * block_n), DECODE_MAX_SPLITS))
@@ -184,17 +183,18 @@ def decode_launches(q, k, v, o, lse, causal, scale, plan):
         (q, k, v, out, lse_out, *strides(q), *strides(k), *strides(v), *strides(o),
          heads, kv_heads, heads // kv_heads, seq_q, seq_k, float(scale), plan.keys_per_split, rows),
         dict(shape_constexprs(head_dim, q.dtype, causal), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, FINAL=final),
-        4,
+        DECODE_WARPS,
         plan.num_stages,
     )
     if final:
         return [decode]
     combine = KernelLaunch(
         attention_decode_combine_kernel,
-        (triton.cdiv(rows, DECODE_COMBINE_ROWS),),
+        (rows,),
         (out, lse_out, o, lse, *strides(o), heads, seq_q, rows, plan.splits),
-        dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=padded, BLOCK_R=DECODE_COMBINE_ROWS),
-        4,
+        dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=padded, BLOCK_S=triton.next_power_of_2(plan.splits),
+             SPLIT_CHUNK=DECODE_COMBINE_SPLITS),
+        DECODE_COMBINE_WARPS,
         1,
     )
     return [decode, combine]

@@ -9,9 +9,7 @@ log-sum-exp of each query row. The key-tile loop and the epilogue are shared wit
 import triton
 import triton.language as tl
 
-from .attention_configs import (
-    FORWARD_CONFIGS, autotuned, forward_shared_bytes, launch, seq_bucket, shape_constexprs, strides,
-)
+from .attention_configs import autotuned, launch, seq_bucket, shape_constexprs, strides
 from .tiles import load_tile, store_tile, tile_pointers
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2(e))
@@ -127,7 +125,7 @@ def attention_forward_kernel(
                rows, seq_q, offs_d, HEAD_DIM, PAD_D)
 
 
-forward_tuned = autotuned(attention_forward_kernel, FORWARD_CONFIGS, forward_shared_bytes)
+forward_tuned = autotuned(attention_forward_kernel, "forward")
 
 
 def forward_args(q, k, v, o, lse, scale):

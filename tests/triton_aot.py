@@ -1,12 +1,15 @@
 """Compile Triton kernels ahead of time for real GPUs, with no GPU present.
 
-Run as a script in a process of its own — ``python tests/triton_aot.py fastgpt.kernels.attention``
-— because kernels defined under ``TRITON_INTERPRET=1`` (as in the test suite) cannot be
-compiled. The kernel module lists what to compile in ``aot_compile_specs()``: dicts with
-``name, kernel, signature, constexprs, attrs, num_warps, num_stages``, one per configuration its
-launchers can pick, built by ``fastgpt.kernels.launch.aot_spec`` from the arguments a real launch
-passes. The script prints a resource report and, last, one JSON line with a record per
-(spec, arch). ``run_aot(module)`` does that from a test and returns the records.
+Run as a script in a process of its own — ``python tests/triton_aot.py fastgpt.kernels.attention
+[function [jobs]]`` — because kernels defined under ``TRITON_INTERPRET=1`` (as in the test suite)
+cannot be compiled. The kernel module lists what to compile in ``aot_compile_specs()`` (or the
+function named): dicts with ``name, kernel, signature, constexprs, attrs, num_warps, num_stages``
+and optionally ``targets`` (compute capabilities, default sm_80 and sm_90) and ``key`` (copied
+into the record), one per configuration its launchers can pick, built by
+``fastgpt.kernels.launch.aot_spec`` from the arguments a real launch passes. The script prints a
+resource report and, last, one JSON line with a record per (spec, target), with the registers,
+stack, shared memory and a few SASS instruction counts. ``run_aot(module)`` does that from a test
+and returns the records.
 
 ``triton.compile`` with a ``GPUTarget`` runs the whole NVIDIA pipeline (TTIR → TTGIR → LLVM
 → PTX → cubin) on the CPU, so a kernel that only works in the interpreter fails here. The
@@ -22,6 +25,7 @@ import sys
 import tempfile
 
 ARCHS = (80, 90)  # Ampere (A100) and Hopper (H100/H200)
+SASS_COUNTED = ("FMUL", "FFMA", "FADD", "MUFU.EX2")  # instructions each record counts in its SASS
 
 
 def compile_kernel(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, attrs=None):
@@ -82,46 +86,72 @@ def report_line(name, arch, compiled):
     )
 
 
-def compile_module(module_name):
-    """Compile every spec of a kernel module for every arch; returns one record per (spec, arch)."""
-    module = importlib.import_module(module_name)
+def _compile_record(spec):
     records = []
-    for spec in module.aot_compile_specs():
-        for arch in ARCHS:
-            compiled = compile_kernel(
-                spec["kernel"],
-                spec["signature"],
-                spec["constexprs"],
-                arch,
-                spec["num_warps"],
-                spec["num_stages"],
-                spec.get("attrs"),
-            )
-            print(report_line(spec["name"], arch, compiled), flush=True)
-            records.append(
-                {
-                    "name": spec["name"],
-                    "arch": arch,
-                    **resource_usage(compiled),
-                    "wgmma_in_ptx": "wgmma" in compiled.asm["ptx"],
-                    "hgmma_in_sass": arch >= 90 and "HGMMA" in sass(compiled),
-                }
-            )
+    for arch in spec.get("targets", ARCHS):
+        compiled = compile_kernel(
+            spec["kernel"],
+            spec["signature"],
+            spec["constexprs"],
+            arch,
+            spec["num_warps"],
+            spec["num_stages"],
+            spec.get("attrs"),
+        )
+        print(report_line(spec["name"], arch, compiled), flush=True)
+        code = sass(compiled)
+        records.append(
+            {
+                "name": spec["name"],
+                "arch": arch,
+                "key": spec.get("key"),
+                **resource_usage(compiled),
+                "wgmma_in_ptx": "wgmma" in compiled.asm["ptx"],
+                "hgmma_in_sass": arch >= 90 and "HGMMA" in code,
+                "sass_counts": {op: len(re.findall(rf"\b{re.escape(op)}\b", code)) for op in SASS_COUNTED},
+            }
+        )
     return records
 
 
-def run_aot(module_name, timeout=1200):
-    """Run this file as a script on ``module_name`` in a fresh process without the interpreter."""
+_specs = []  # the specs being compiled; worker processes inherit them
+
+
+def _compile_index(index):
+    return _compile_record(_specs[index])
+
+
+def compile_module(module_name, function="aot_compile_specs", jobs=1):
+    """Compile every spec ``module.function()`` lists, for the targets it names (sm_80 and sm_90
+    when it names none), in ``jobs`` processes; returns one record per (spec, target).
+    ``function`` may carry arguments, each a comma-separated tuple of integers: ``"f:64,128:2"``."""
+    module = importlib.import_module(module_name)
+    name, *args = function.split(":")  # "f:64,128:2" calls f((64, 128), (2,))
+    _specs[:] = getattr(module, name)(*(tuple(int(x) for x in arg.split(",")) for arg in args))
+    if jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            per_spec = pool.map(_compile_index, range(len(_specs)), chunksize=1)
+    else:
+        per_spec = [_compile_index(i) for i in range(len(_specs))]
+    return [record for records in per_spec for record in records]
+
+
+def run_aot(module_name, function="aot_compile_specs", timeout=1200, jobs=1):
+    """Run this file as a script on ``module_name.function`` in a fresh process without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
-        [sys.executable, __file__, module_name], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, __file__, module_name, function, str(jobs)],
+        env=env, capture_output=True, text=True, timeout=timeout,
     )
     print(proc.stdout)
     if proc.returncode != 0:
-        raise AssertionError(f"ahead-of-time compile of {module_name} failed:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"ahead-of-time compile of {module_name}.{function} failed:\n{proc.stdout}\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
-    print(json.dumps(compile_module(sys.argv[1])))
+    module_arg, function_arg, jobs_arg = (sys.argv[1:] + ["aot_compile_specs", "1"])[:3]
+    print(json.dumps(compile_module(module_arg, function_arg, int(jobs_arg))))
