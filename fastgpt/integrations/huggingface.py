@@ -37,11 +37,13 @@ def attention_forward(
 ):
     """The function transformers calls for ``attn_implementation="fastgpt"`` (its attention-interface
     signature); returns ``(output (batch, seq_q, heads, head_dim), None)``."""
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # the caller's is_causal goes to SDPA unchanged: transformers 4.53's SDPA honours an explicit
+    # True even beside a mask, which would hide every cached key but the first from a decode step
+    causal_here = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if dropout > 0.0:
         _warn_dropout_once(dropout)
-    elif _runs_on_fastgpt(query, key, value, attention_mask, is_causal, kwargs):
-        causal = is_causal and query.shape[2] > 1
+    elif _runs_on_fastgpt(query, key, value, attention_mask, causal_here, kwargs):
+        causal = causal_here and query.shape[2] > 1
         if causal and key.shape[2] > query.shape[2]:
             # Only a static cache's first prefill gets here (the mask function returns None for it):
             # keys past the queries are empty slots, and SDPA's top-left causal mask never reaches them.
