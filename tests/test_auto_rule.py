@@ -138,3 +138,15 @@ def test_a_growing_kv_cache_is_decided_once(fresh_decisions, monkeypatch):
     assert asked == [10]
     ops.attention(torch.randn(1, 4, 8, 16), cache, cache)  # a prefill is another bucket
     assert asked == [10, 40]
+
+
+def test_bench_tune_writes_the_table_auto_reads(fresh_decisions, monkeypatch, tmp_path, capsys):
+    from fastgpt.bench.cli import main
+
+    path = tmp_path / "tuned.json"
+    assert main(["--tune", "--sizes", "tiny", "--dtype", "fp32", "--tune-out", str(path)]) == 0
+    table = auto_rule.read_table(str(path))
+    assert table["command"].startswith("fastgpt bench --tune") and table["choices"]
+    assert f"wrote {path}" in capsys.readouterr().out
+    assert main(["--tune", "--tune-out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err

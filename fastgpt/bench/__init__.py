@@ -30,7 +30,8 @@ Modules, one job each:
 - ``cases``: ``Case``, one point of a kernel op's sweep
 - ``implementations``: ``Impl``, fastgpt's backends (from ``fastgpt.registry``) and the baselines
 - ``running``: timing every implementation on every case, interleaved, one record each
-- ``attention``, ``add_layer_norm``, ``model``: the ops, one module each
+- ``attention``, ``add_layer_norm``, ``model``, ``hf``: the ops, one module each
+- ``tune``: ``fastgpt bench --tune``, which measures the table ``auto`` follows (fastgpt/auto_rule.py)
 - ``tables``, ``plots``: the progress lines, the markdown table and the PNGs of a run
 - ``cli``: the options of ``fastgpt bench``, ``OPS`` and a whole run
 
@@ -39,7 +40,7 @@ Adding an op (for example an end-to-end Hugging Face model) is one module with
 ``emit(record)`` for each measurement, a dict with the fields of ``records.record`` (a kernel op
 builds ``Case`` and ``Impl`` lists and hands them to ``running.run_cases``; an end-to-end op times
 its own step with ``timing.time_calls``, as ``model`` does) — plus one entry in ``cli.OPS``, which
-gives it its ``--op`` name and its place in ``--op all``.
+gives it its ``--op`` name; ``cli.ALL_OPS`` says whether ``--op all`` runs it.
 """
 
 from fastgpt.bench.add_layer_norm import (

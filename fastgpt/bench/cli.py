@@ -113,6 +113,17 @@ def add_arguments(parser):
         "not overwritten: the run refuses to start unless --overwrite is given",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json-name file in --out")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="instead of benchmarking, measure which backend is fastest for each kind of call on this machine "
+        "and write the table backend='auto' follows (fastgpt/auto_rule.py); with --device, --dtype, --quick",
+    )
+    parser.add_argument(
+        "--tune-out",
+        default=None,
+        help="where --tune writes its table (default: ~/.cache/fastgpt/auto/<device class>.json, which auto reads)",
+    )
 
 
 def output_problem(out, json_path, overwrite):
@@ -136,6 +147,31 @@ def output_problem(out, json_path, overwrite):
     return None
 
 
+def run_tune(args, device, argv=None):
+    """``fastgpt bench --tune``: measure auto's table for ``device`` and write it."""
+    from fastgpt import auto_rule
+    from fastgpt.bench import tune
+
+    path = args.tune_out or auto_rule.user_table_path(auto_rule.device_class(device))
+    if os.path.isdir(path):
+        print(f"fastgpt bench: --tune-out {path!r} is a folder: name the table's file", file=sys.stderr)
+        return 2
+    sizes = args.sizes or ("quick" if args.quick else "full")
+    budget_s, rounds = {"full": (1.0, 5), "quick": (0.3, 3)}.get(sizes, (0.01, 1))
+    if argv is None:  # `fastgpt bench ...` or `python -m fastgpt.bench ...`
+        argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
+    command = " ".join(["fastgpt", "bench", *argv])
+    print(f"fastgpt bench --tune: every backend auto may use on {device}, one typical call per bucket", flush=True)
+    table = tune.tune(device, args.dtype, sizes, budget_s, rounds, command=command)
+    try:
+        tune.write_table(table, path)
+    except OSError as exc:
+        print(f"fastgpt bench: cannot write the table to {path!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({len(table['choices'])} buckets); backend='auto' reads it from now on")
+    return 0
+
+
 def run(args, argv=None):
     """Run ``fastgpt bench`` with parsed ``args``; returns the exit status. ``argv``: the
     command-line arguments to record in the JSON (default: ``sys.argv[1:]``)."""
@@ -143,6 +179,8 @@ def run(args, argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         print("fastgpt bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
+    if args.tune:
+        return run_tune(args, device, argv)
     json_path = os.path.join(args.out, args.json_name)
     problem = output_problem(args.out, json_path, args.overwrite)
     if problem:
@@ -213,11 +251,7 @@ def run(args, argv=None):
     write_json(force=True)
     records = results["measurements"]
     print()
-    # the kernel and model tables know nothing of the hf op's records: it renders its own
-    print(markdown_table(dict(results, measurements=[r for r in records if r["op"] != "hf"])))
-    if any(r["op"] == "hf" for r in records):
-        print()
-        print(hf.markdown_table(results))
+    print(markdown_table(results))
     for note in results["notes"]:
         print(f"note: {note}")
     failed = [r for r in records if r.get("status") == "error"]

@@ -62,7 +62,8 @@ def _page_fault_lines(records):
 
 def markdown_table(results, compact=False):
     """The README table: each fastgpt measurement, its rate, percent of ceiling and speed-ups
-    (other's time / fastgpt's time: above 1 means fastgpt is faster) against the alternatives.
+    (other's time / fastgpt's time: above 1 means fastgpt is faster) against the alternatives; the
+    Hugging Face op's records in their own table (``hf.markdown_table``).
     ``compact``: only the fastest fastgpt backend of each case, and no list of what was skipped."""
     m = results["machine"]
     ceil = results.get("ceilings") or {}
@@ -74,6 +75,8 @@ def markdown_table(results, compact=False):
         f"{ceil.get('matmul', {}).get('tflops', float('nan')):.2f} TFLOP/s.",
         "",
     ]
+    hf_records = [r for r in results["measurements"] if r["op"] == "hf"]
+    results = dict(results, measurements=[r for r in results["measurements"] if r["op"] != "hf"])
     ok = [r for r in results["measurements"] if r.get("status") == "ok" and r.get("kind") == "fastgpt"]
     kernels = [r for r in ok if r["op"] != "model"]
     if compact:
@@ -117,6 +120,10 @@ def markdown_table(results, compact=False):
                 f"| {r['implementation']} | {r.get('pass', 'train_step')} | {_shape_text(r['shape'])} | {r['dtype']} "
                 f"| {r['tokens_per_s']:.0f} | {mem} | {_ratio(r, 'torch')} | {_ratio(r, 'torch.compile')} |"
             )
+    if hf_records:  # the Hugging Face op has its own columns: its module renders them
+        from fastgpt.bench import hf
+
+        lines += ["", hf.markdown_table(dict(results, measurements=hf_records))]
     not_ok = [r for r in results["measurements"] if r.get("status") != "ok"]
     skipped = sorted({(r["implementation"], r.get("reason")) for r in not_ok})
     if skipped and not compact:
