@@ -53,7 +53,7 @@ def _cuda_summary(info):
     if info["cuda_attention_backward"]:
         return f"CUDA {', '.join(info['cuda_archs'])}"
     name, _ = _cuda_backward_fallback()
-    return f"CUDA {', '.join(info['cuda_archs'])} (the attention backward on CUDA runs {name}: no CUDA kernel for it)"
+    return f"CUDA {', '.join(info['cuda_archs'])} (the attention backward on CUDA runs {name}, the extension has none of its own)"
 
 
 @functools.cache
