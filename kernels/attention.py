@@ -60,6 +60,8 @@ def attention_forward(q, k, v, causal, scale):
     kv_heads, seq_k = k.shape[1], k.shape[2]
     o = torch.empty((batch, heads, seq_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    if scale < 0:  # the kernels scale a tile's max, which needs scale >= 0: q · k · scale = (-q) · k · |scale|
+        q, scale = -q, -scale
     plan = decode_plan(batch, kv_heads, heads // kv_heads, seq_q, seq_k, head_dim, q)
     with on_device(q):
         if plan is not None:

@@ -23,25 +23,32 @@ def forward_key_tiles(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
     PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Online softmax over key tiles [start_n, end_n); MASKED tiles cross the diagonal or the end of the keys."""
+    """Online softmax over key tiles [start_n, end_n); MASKED tiles cross the diagonal or the end of
+    the keys. ``qk_scale`` (scale · log2(e)) must be >= 0: the host negates q for a negative scale.
+    ``row_max`` is in the log2 domain and stays -inf until the row has seen a key."""
     for tile_start in range(start_n, end_n, BLOCK_N):
         cols = tile_start + offs_n
         k = load_tile(tile_pointers(k_base, cols, stride_kn, offs_d, stride_kd), cols, seq_k, offs_d, HEAD_DIM,
                       MASKED, PAD_D)
         v = load_tile(tile_pointers(v_base, cols, stride_vn, offs_d, stride_vd), cols, seq_k, offs_d, HEAD_DIM,
                       MASKED, PAD_D)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 domain
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled
         if MASKED:
+            scores = scores * qk_scale  # log2 domain; masked after scaling (-inf · 0 would be NaN)
             visible = cols[None, :] < seq_k
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
             scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        if MASKED:
-            # a row that has seen no key yet keeps max -inf: subtract 0 instead so exp2 gives 0, not NaN
-            new_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        probs = tl.math.exp2(scores - new_max[:, None])
-        correction = tl.math.exp2(row_max - new_max)
+            new_max = tl.maximum(row_max, tl.max(scores, 1))  # stays -inf while a row has seen no key
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # such a row: exp2 gives 0, not NaN
+            probs = tl.math.exp2(scores - shift[:, None])
+        else:
+            # qk_scale >= 0, so the scaled max is the max times the scale; the scale then folds into
+            # exp2's argument (one FMA per score instead of a multiply and a subtract)
+            new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
+            shift = new_max
+            probs = tl.math.exp2(scores * qk_scale - shift[:, None])
+        correction = tl.math.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(probs, 1)
         acc = acc * correction[:, None]
         acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
