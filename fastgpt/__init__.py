@@ -3,7 +3,7 @@ and C++/CUDA, each checked against a plain-PyTorch reference, and a GPT that use
 
 from fastgpt import ops
 from fastgpt.integrations import huggingface as _huggingface
-from fastgpt.ops import BackendError, backends, use_backend
+from fastgpt.dispatch import BackendError, backends, use_backend
 from fastgpt.patching import patch_sdpa, unpatch_sdpa
 from fastgpt.registry import Backend, register_backend
 

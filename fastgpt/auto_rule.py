@@ -183,7 +183,7 @@ TYPICAL_CALLS = (
 def typical_choices(device, dtype):
     """``[(op, description, bucket, backend)]``: what ``auto`` picks for ``TYPICAL_CALLS`` on
     ``device`` (a torch.device or string) in ``dtype``, with the table it reads (or none)."""
-    from fastgpt import ops  # ops imports this module
+    from fastgpt import dispatch  # dispatch imports this module
 
     rows = []
     for op, description, shapes, training in TYPICAL_CALLS:
@@ -194,5 +194,5 @@ def typical_choices(device, dtype):
         else:
             weight = torch.empty(1, device=device, dtype=dtype).expand(shapes[0][-1])
             args = (tensors[0], tensors[0], weight, weight)
-        rows.append((op, description, bucket(op, args, training), ops.auto_choice(op, args, training)))
+        rows.append((op, description, bucket(op, args, training), dispatch.auto_choice(op, args, training)))
     return rows

@@ -20,7 +20,7 @@ import torch
 
 from fastgpt.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, load_model, remove_interrupted_saves
 from fastgpt.data import ByteDataset, DataError, decode, encode, read_text_file, stdlib_corpus
-from fastgpt import ops, registry
+from fastgpt import dispatch, registry
 from fastgpt.run_lock import FolderInUse, RunLock
 from fastgpt.train import PRESETS, Interrupted, Trainer, TrainConfig, TrainingDiverged, build_config
 
@@ -96,7 +96,7 @@ def _check_backend(backend, device, config):
     x = torch.zeros(1, 2, config.d_model, device=device)
     weight = torch.ones(config.d_model, device=device)
     for op, inputs in (("attention", (q, kv, kv)), ("add_layer_norm", (x, x, weight, torch.zeros_like(weight)))):
-        reason = ops.unsupported_reason(op, backend, inputs)
+        reason = dispatch.unsupported_reason(op, backend, inputs)
         if reason is not None:
             raise UsageError(f"{named_by}: cannot run this model on {device}: {reason}")
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastgpt import ops
+from fastgpt import dispatch, ops
+
 
 @dataclass
 class GPTConfig:
@@ -187,7 +188,7 @@ class GPT(nn.Module):
 
     def __init__(self, config, backend="auto"):
         super().__init__()
-        ops.check_backend_name(backend)
+        dispatch.check_backend_name(backend)
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         if config.pos_encoding == "learned":
@@ -214,7 +215,7 @@ class GPT(nn.Module):
 
     def set_backend(self, backend):
         """Run attention and add+LayerNorm on ``backend`` from now on; returns the model."""
-        ops.check_backend_name(backend)
+        dispatch.check_backend_name(backend)
         for module in self.modules():
             if isinstance(module, (CausalSelfAttention, AddLayerNorm)):
                 module.backend = backend

@@ -5,193 +5,22 @@ one opaque node per call and ``torch.library.opcheck`` can check its schema, fak
 and autograd registrations. Backend resolution happens inside the op, at run time, so that
 ``backend="auto"`` and ``FASTGPT_BACKEND`` never break a compiled graph.
 
-Backends, what each implements and where ``auto`` may use them are listed in ``fastgpt.registry``;
-the contract every backend keeps is in ``docs/architecture.md``.
+How a call picks its backend is ``fastgpt.dispatch``; the backends, what each implements and where
+``auto`` may use them are listed in ``fastgpt.registry``; the contract every backend keeps is in
+``docs/architecture.md``.
 """
 
-import contextlib
 import math
 import numbers
-import os
-import sys
-import threading
-import warnings
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgpt import auto_rule, registry
+from fastgpt import dispatch
+from fastgpt.dispatch import BackendError  # what the ops raise: fastgpt.ops.BackendError for callers
 from fastgpt.contract import residual_stream_dtype
-
-
-class BackendError(RuntimeError):
-    """A backend was named explicitly but cannot run these inputs (or is not installed)."""
-
-
-def backends():
-    """``{name: {"available": bool, "reason": str}}`` for every registered backend."""
-    report = {}
-    for name in registry.names():
-        ok, reason = registry.get(name).availability()
-        report[name] = {"available": ok, "reason": reason}
-    return report
-
-
-def unsupported_reason(op, name, args, variants=frozenset()):
-    """None when backend ``name`` can run ``op`` (``"attention"`` or ``"add_layer_norm"``) on
-    ``args`` (the op's tensors as its ``*_unsupported`` takes them) with the attention
-    ``variants`` (some of ``registry.VARIANTS``), else why not."""
-    backend = registry.get(name)
-    ok, reason = backend.availability()
-    if not ok:
-        return reason
-    if op not in backend.modules:
-        return f"the {name} backend does not implement {op}"
-    if variants:
-        reason = backend.missing_variants(variants)
-        if reason is not None:
-            return reason
-    try:
-        impl = backend.module(op)
-    except ImportError as exc:
-        return f"cannot import {backend.modules[op]}: {exc}"
-    return getattr(impl, f"{op}_unsupported")(*args)
-
-
-_warned = set()
-
-
-def _warn_once(message):
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=_stacklevel_outside_library())
-
-
-def _stacklevel_outside_library():
-    """The ``stacklevel`` that makes a warning name the user's line: the first caller outside
-    fastgpt and torch (the custom-op dispatch, or torch.compile, sits between the two)."""
-    level, frame = 2, sys._getframe(2)  # level 1 is _warn_once, which calls warnings.warn
-    while frame is not None and (
-        frame.f_globals.get("__name__", "").split(".")[0] in ("fastgpt", "torch")
-        or frame.f_code.co_filename.startswith(_TORCH_DIR)  # code torch.compile generated
-    ):
-        level, frame = level + 1, frame.f_back
-    return level
-
-
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-
-
-def _environment_backend():
-    name = os.environ.get("FASTGPT_BACKEND", "auto") or "auto"
-    if name not in registry.choices():
-        raise ValueError(f"FASTGPT_BACKEND must be one of {registry.choices()}, got {name!r}")
-    return name
-
-
-def _resolve(op, backend, args, training=True, variants=frozenset()):
-    """The implementation module that runs ``op``: the named backend, or ``auto``'s choice.
-
-    ``training``: whether a backward will follow (``auto``'s table may pick differently for
-    inference). ``variants``: the attention variants the call uses, which the backend must
-    declare. Decisions are remembered per backend, registry state, device, dtypes, sizes
-    (``auto_rule.decision_key``) and variants, so a call costs a dictionary lookup once its kind
-    has been seen.
-    """
-    if backend == "auto":
-        backend = _environment_backend()
-    key = (
-        op, backend, training, registry.version(), args[0].device,
-        *[None if t is None else t.dtype for t in args], *auto_rule.decision_key(op, args), variants,
-    )
-    decision = _decisions.get(key)
-    if decision is None:
-        decision = _decide(op, backend, args, training, variants)
-        if len(_decisions) >= _DECISIONS_KEPT:  # a process that sees ever new sizes stays bounded
-            _decisions.clear()
-        _decisions[key] = decision
-    _name, impl, warning = decision
-    if warning is not None:
-        _warn_once(warning)
-    return impl
-
-
-def auto_choice(op, args, training=False, variants=frozenset()):
-    """The name of the backend ``auto`` runs ``op`` on for ``args`` (the op's tensors, as its
-    ``*_unsupported`` takes them), whether a backward follows and the attention variants used;
-    ``fastgpt info`` shows a few."""
-    return _decide(op, "auto", args, training, frozenset(variants))[0]
-
-
-_decisions = {}
-_DECISIONS_KEPT = 4096
-
-
-def forget_decisions():
-    """Decide again on the next calls (after a table or a backend's availability changed)."""
-    _decisions.clear()
-    auto_rule.forget_tables()
-
-
-def _decide(op, backend, args, training, variants):
-    """(backend name, implementation module, fallback warning or None) for one kind of call."""
-    public_name = "varlen_attention" if "varlen" in variants else op
-    if backend != "auto":
-        reason = unsupported_reason(op, backend, args, variants)
-        if reason is not None:
-            raise BackendError(f"fastgpt.ops.{public_name}: backend {backend!r} cannot run these inputs: {reason}")
-        return backend, registry.get(backend).module(op), None
-    candidates = [b.name for b in registry.auto_candidates(args[0].device.type)]
-    preferred = auto_rule.preferred_backend(op, args, training)
-    if preferred in candidates:  # measured fastest for this kind of call: try it first
-        candidates.remove(preferred)
-        candidates.insert(0, preferred)
-    reasons = []
-    for name in candidates:
-        reason = unsupported_reason(op, name, args, variants)
-        if reason is None:
-            return name, registry.get(name).module(op), None
-        reasons.append(f"{name}: {reason}")
-    warning = f"fastgpt.ops.{public_name} falls back to the {registry.FALLBACK} backend ({'; '.join(reasons)})" if reasons else None
-    return registry.FALLBACK, registry.get(registry.FALLBACK).module(op), warning
-
-
-# a process-wide choice (not per thread): autograd may run a backward on another thread, and it
-# must run the backend that ran the forward
-_backend_override = None
-_override_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def use_backend(name):
-    """Run every op called with ``backend="auto"`` (the default) on backend ``name`` inside the block.
-
-    An explicit ``backend=`` argument still wins; ``use_backend`` wins over ``FASTGPT_BACKEND``.
-    The choice is process-wide and restored on exit; nested blocks work.
-    """
-    global _backend_override
-    check_backend_name(name)
-    with _override_lock:
-        previous, _backend_override = _backend_override, name
-    try:
-        yield
-    finally:
-        with _override_lock:
-            _backend_override = previous
-
-
-def _requested_backend(backend):
-    """``backend`` as the op receives it: ``auto`` becomes the ``use_backend`` choice when there is one."""
-    check_backend_name(backend)
-    return _backend_override if backend == "auto" and _backend_override is not None else backend
-
-
-def check_backend_name(backend, argument="backend"):
-    """Raise ``ValueError`` unless ``backend`` is ``"auto"`` or a registered backend's name."""
-    if not isinstance(backend, str) or backend not in registry.choices():
-        raise ValueError(f"{argument} must be one of {registry.choices()}, got {backend!r}")
 
 
 def _check_tensor(name, t, ndim=None):
@@ -272,7 +101,7 @@ def _attention_op(
     softcap: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     causal, options = _variant_options(causal, (window_left, window_right), softcap)
-    impl = _resolve("attention", backend, (q, k, v), training, frozenset(options))
+    impl = dispatch.resolve("attention", backend, (q, k, v), training, frozenset(options))
     return impl.attention_forward(q, k, v, causal, scale, **options)
 
 
@@ -298,7 +127,7 @@ def _attention_backward_op(
     softcap: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     causal, options = _variant_options(causal, (window_left, window_right), softcap)
-    impl = _resolve("attention", backend, (q, k, v), True, frozenset(options))  # the forward's choice
+    impl = dispatch.resolve("attention", backend, (q, k, v), True, frozenset(options))  # the forward's choice
     return impl.attention_backward(do, q, k, v, o, lse, causal, scale, **options)
 
 
@@ -364,7 +193,7 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, softcap=0.0, bac
     turns each score into ``softcap * tanh(score * scale / softcap)`` before the softmax.
     Returns the output, shaped like ``q`` and contiguous.
     """
-    backend = _requested_backend(backend)
+    backend = dispatch.requested_backend(backend)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, ndim=4)
     _check_same("k", k, "q", q)
@@ -389,7 +218,7 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, softcap=0.0, bac
     if torch.compiler.is_compiling():  # one opaque node in the graph
         o, _ = torch.ops.fastgpt.attention(q, k, v, causal, scale, backend, training)
         return o
-    impl = _resolve("attention", backend, (q, k, v), training)
+    impl = dispatch.resolve("attention", backend, (q, k, v), training)
     if not training:
         return impl.attention_forward(q, k, v, causal, scale)[0]
     return _AttentionFunction.apply(q, k, v, causal, scale, impl, _NO_OPTIONS)
@@ -402,7 +231,7 @@ def _attention_variant(q, k, v, causal, scale, window, softcap, backend):
     if torch.compiler.is_compiling():
         o, _ = torch.ops.fastgpt.attention(q, k, v, causal, scale, backend, training, *_schema_options(options))
         return o
-    impl = _resolve("attention", backend, (q, k, v), training, frozenset(options))
+    impl = dispatch.resolve("attention", backend, (q, k, v), training, frozenset(options))
     if not training:
         return impl.attention_forward(q, k, v, causal, scale, **options)[0]
     return _AttentionFunction.apply(q, k, v, causal, scale, impl, options)
@@ -480,7 +309,7 @@ def _varlen_attention_op(
 ) -> Tuple[Tensor, Tensor]:
     causal, options = _variant_options(causal, (window_left, window_right), softcap)
     longest = _longest_sequences(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
-    impl = _resolve("attention", backend, _dense_views(q, k, v), training, _VARLEN | frozenset(options))
+    impl = dispatch.resolve("attention", backend, _dense_views(q, k, v), training, _VARLEN | frozenset(options))
     return impl.varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *longest, causal, scale, **options)
 
 
@@ -512,7 +341,7 @@ def _varlen_attention_backward_op(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     causal, options = _variant_options(causal, (window_left, window_right), softcap)
     longest = _longest_sequences(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
-    impl = _resolve("attention", backend, _dense_views(q, k, v), True, _VARLEN | frozenset(options))
+    impl = dispatch.resolve("attention", backend, _dense_views(q, k, v), True, _VARLEN | frozenset(options))
     return impl.varlen_attention_backward(
         do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, *longest, causal, scale, **options
     )
@@ -572,7 +401,7 @@ def varlen_attention(
     ``max_seqlen_k`` are optional hints (at least the longest sequence). Returns
     ``(total_q, heads, head_dim)``, contiguous.
     """
-    backend = _requested_backend(backend)
+    backend = dispatch.requested_backend(backend)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, ndim=3)
     _check_same("k", k, "q", q)
@@ -606,7 +435,7 @@ def varlen_attention(
         )
         return o
     longest = _longest_sequences(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
-    impl = _resolve("attention", backend, _dense_views(q, k, v), training, _VARLEN | frozenset(options))
+    impl = dispatch.resolve("attention", backend, _dense_views(q, k, v), training, _VARLEN | frozenset(options))
     if not training:
         return impl.varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *longest, causal, scale, **options)[0]
     return _VarlenAttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, *longest, causal, scale, impl, options)
@@ -657,7 +486,7 @@ def _add_layer_norm_op(
     backend: str,
     training: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = _resolve("add_layer_norm", backend, (x, residual, weight, bias), training)
+    impl = dispatch.resolve("add_layer_norm", backend, (x, residual, weight, bias), training)
     return impl.add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32)
 
 
@@ -679,7 +508,7 @@ def _add_layer_norm_backward_op(
     is_rms_norm: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    impl = _resolve("add_layer_norm", backend, (h, h, weight, bias), training=True)  # the forward's choice
+    impl = dispatch.resolve("add_layer_norm", backend, (h, h, weight, bias), training=True)  # the forward's choice
     dx, dweight, dbias = impl.add_layer_norm_backward(dy, dh, h, weight, bias, mean, rstd, is_rms_norm)
     # a custom op returns tensors, not None: absent parameters get an empty gradient
     return dx, h.new_empty(0) if dweight is None else dweight, h.new_empty(0) if dbias is None else dbias
@@ -745,7 +574,7 @@ class _AddLayerNormFunction(torch.autograd.Function):
 
 
 def _add_norm(op_name, x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, backend):
-    backend = _requested_backend(backend)
+    backend = dispatch.requested_backend(backend)
     _check_tensor("x", x)
     _check_tensor("residual", residual)
     if x.dim() < 1 or x.shape[-1] < 1 or x.numel() == 0:
@@ -774,7 +603,7 @@ def _add_norm(op_name, x, residual, weight, bias, eps, is_rms_norm, residual_in_
             x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, backend, training
         )
         return y, h
-    impl = _resolve("add_layer_norm", backend, (x, residual, weight, bias), training)
+    impl = dispatch.resolve("add_layer_norm", backend, (x, residual, weight, bias), training)
     if not training:
         return impl.add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32)[:2]
     return _AddLayerNormFunction.apply(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, impl)

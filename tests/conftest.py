@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import wrapper_backend  # noqa: E402
 
 import fastgpt  # noqa: E402
-from fastgpt import ops, registry  # noqa: E402
+from fastgpt import dispatch, registry  # noqa: E402
 
 registry.register_backend(
     registry.Backend(
@@ -62,7 +62,7 @@ def skip_unless_runs(backend, device, dtype=None):
 def skip_unless_supports(op, backend, *args):
     """Skip (saying why) when ``backend`` declines these inputs: e.g. the CUDA build of the native
     attention takes half precision only, and Triton runs CPU tensors only in its interpreter."""
-    reason = ops.unsupported_reason(op, backend, args)
+    reason = dispatch.unsupported_reason(op, backend, args)
     if reason is not None:
         pytest.skip(f"{backend} backend does not run these inputs: {reason}")
 
@@ -105,4 +105,4 @@ def _native_extension():
 @pytest.fixture
 def fresh_warnings(monkeypatch):
     """Forget which fallback warnings were already given, so a test sees its own."""
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(dispatch, "_warned", set())

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fastgpt import auto_rule, ops, registry
+from fastgpt import auto_rule, dispatch, ops, registry
 from fastgpt.bench import tune
 
 
@@ -14,9 +14,9 @@ def fresh_decisions(monkeypatch, tmp_path):
     """No user table (an empty cache folder), decisions and tables forgotten before and after."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("FASTGPT_AUTO_TABLE", raising=False)
-    ops.forget_decisions()
+    dispatch.forget_decisions()
     yield
-    ops.forget_decisions()
+    dispatch.forget_decisions()
 
 
 def write_table(path, choices):
@@ -53,8 +53,8 @@ def test_a_table_decides_which_backend_auto_runs(fresh_decisions, monkeypatch, t
         if not registry.get(chosen).availability()[0]:
             pytest.skip(f"the {chosen} backend is not available here")
         monkeypatch.setenv("FASTGPT_AUTO_TABLE", str(write_table(tmp_path / f"{chosen}.json", {bucket: chosen})))
-        ops.forget_decisions()
-        assert ops._resolve("attention", "auto", (q, k, v), training=False).__name__ == module
+        dispatch.forget_decisions()
+        assert dispatch.resolve("attention", "auto", (q, k, v), training=False).__name__ == module
         # the same call with a backward to follow is another bucket, which this table leaves out
         assert auto_rule.preferred_backend("attention", (q, k, v), True) is None
 
@@ -74,8 +74,8 @@ def test_an_unknown_device_class_gets_the_registry_order(fresh_decisions, monkey
     q, k, v = qkv(1, 64)
     assert auto_rule.load("cpu-from-the-future") == (None, None)
     assert auto_rule.preferred_backend("attention", (q, k, v), False) is None
-    first = next(b for b in registry.auto_candidates("cpu") if ops.unsupported_reason("attention", b.name, (q, k, v)) is None)
-    assert ops._resolve("attention", "auto", (q, k, v), training=False) is first.module("attention")
+    first = next(b for b in registry.auto_candidates("cpu") if dispatch.unsupported_reason("attention", b.name, (q, k, v)) is None)
+    assert dispatch.resolve("attention", "auto", (q, k, v), training=False) is first.module("attention")
 
 
 def test_a_backend_the_table_names_must_still_support_the_inputs(fresh_decisions, monkeypatch, tmp_path):
@@ -83,8 +83,8 @@ def test_a_backend_the_table_names_must_still_support_the_inputs(fresh_decisions
     bucket = auto_rule.add_layer_norm_bucket(x, training=True)
     monkeypatch.setenv("FASTGPT_AUTO_TABLE", str(write_table(tmp_path / "t.json", {bucket: "torch"})))
     args = (x, x, None, None)
-    assert ops.unsupported_reason("add_layer_norm", "torch", args) is not None
-    assert ops._resolve("add_layer_norm", "auto", args, training=True).__name__ != "fastgpt.torch_kernels"
+    assert dispatch.unsupported_reason("add_layer_norm", "torch", args) is not None
+    assert dispatch.resolve("add_layer_norm", "auto", args, training=True).__name__ != "fastgpt.torch_kernels"
 
 
 def test_bad_tables_are_clear_errors(fresh_decisions, monkeypatch, tmp_path):
@@ -95,7 +95,7 @@ def test_bad_tables_are_clear_errors(fresh_decisions, monkeypatch, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"schema": "something else"}')
     monkeypatch.setenv("FASTGPT_AUTO_TABLE", str(bad))
-    ops.forget_decisions()
+    dispatch.forget_decisions()
     with pytest.raises(auto_rule.TableError, match="bad.json: not a fastgpt auto table"):
         ops.attention(q, k, v)
 

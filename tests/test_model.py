@@ -119,12 +119,12 @@ def test_backend_is_chosen_at_run_time_not_stored():
 
 def test_use_backend_picks_the_backend_of_auto(monkeypatch):
     import fastgpt
-    from fastgpt import ops
+    from fastgpt import dispatch
 
     model = tiny_model(backend="auto")
     picked = []
-    real_resolve = ops._resolve
-    monkeypatch.setattr(ops, "_resolve", lambda op, backend, args, training: picked.append(backend) or real_resolve(op, backend, args, training))
+    real_resolve = dispatch.resolve
+    monkeypatch.setattr(dispatch, "resolve", lambda op, backend, *args, **kwargs: picked.append(backend) or real_resolve(op, backend, *args, **kwargs))
     idx = torch.randint(0, 256, (1, 5))
     with fastgpt.use_backend("reference"):
         with fastgpt.use_backend("torch"):

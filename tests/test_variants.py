@@ -14,7 +14,7 @@ import wrapper_backend
 from conftest import BACKENDS, assert_close, skip_unless_runs, skip_unless_supports
 
 import fastgpt
-from fastgpt import ops, registry
+from fastgpt import dispatch, ops, registry
 
 # the tests' wrapper backend registered a second time, declaring every variant (the one in
 # conftest.py declares none): a backend from outside the package receives the variants' arguments
@@ -306,7 +306,7 @@ UNDECLARED = [
 def test_a_backend_without_a_variant_declines_it(backend, variant):
     info = fastgpt.backends()[backend]
     q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 1, 5, 16), torch.randn(1, 1, 5, 16)
-    reason = ops.unsupported_reason("attention", backend, (q, k, v), {variant})
+    reason = dispatch.unsupported_reason("attention", backend, (q, k, v), {variant})
     expected = info["reason"] if not info["available"] else f"the {backend} backend has no {registry.VARIANTS[variant]} kernel"
     assert reason == expected
     with pytest.raises(fastgpt.BackendError, match=backend):
@@ -327,11 +327,11 @@ def test_builtin_declarations():
 def test_auto_picks_a_backend_that_has_the_variant(variants, fresh_warnings):
     """auto passes by backends without the variant: silently when another fast backend has it,
     with one warning naming the reasons when only the reference has it."""
-    ops.forget_decisions()
+    dispatch.forget_decisions()
     window, softcap = ((2, 0) if "window" in variants else None), (3.0 if "softcap" in variants else 0.0)
     q, k, v = torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
-    chosen = ops.auto_choice("attention", (q, k, v), variants=variants)
-    candidates = [b.name for b in registry.auto_candidates("cpu") if ops.unsupported_reason("attention", b.name, (q, k, v), variants) is None]
+    chosen = dispatch.auto_choice("attention", (q, k, v), variants=variants)
+    candidates = [b.name for b in registry.auto_candidates("cpu") if dispatch.unsupported_reason("attention", b.name, (q, k, v), variants) is None]
     assert chosen == (candidates[0] if candidates else registry.FALLBACK)
     assert variants <= registry.get(chosen).variants
     with warnings.catch_warnings(record=True) as record:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fastgpt import auto_rule, ops, registry
+from fastgpt import auto_rule, dispatch, ops, registry
 from fastgpt.bench.machine import machine_info
 from fastgpt.bench.settings import DTYPE_NAMES
 
@@ -140,7 +140,7 @@ def tune(device, dtypes=None, sizes="full", budget_s=1.0, rounds=5, command=None
         make = _attention_inputs if op == "attention" else _add_layer_norm_inputs
         inputs = make(shape, dtype, device, training, scale)
         key = auto_rule.bucket(op, inputs, training)
-        runnable = [name for name in candidates if ops.unsupported_reason(op, name, inputs) is None]
+        runnable = [name for name in candidates if dispatch.unsupported_reason(op, name, inputs) is None]
         if BASELINE not in runnable or len(runnable) < 2:
             log(f"{key}: nothing to compare ({', '.join(runnable) or 'no backend'} runs it)")
             continue
@@ -176,5 +176,5 @@ def write_table(table, path):
         json.dump(table, f, indent=1)
         f.write("\n")
     os.replace(tmp, path)
-    ops.forget_decisions()
+    dispatch.forget_decisions()
     return path
