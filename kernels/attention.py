@@ -31,8 +31,6 @@ __all__ = ["attention_backward", "attention_forward", "attention_unsupported", "
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
-_decode_plan = decode_plan  # tests/test_attention.py checks the plan under this name
-
 
 def attention_unsupported(q, k, v):
     """None when these kernels can run on q, k, v here, else why not."""

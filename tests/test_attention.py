@@ -252,15 +252,16 @@ def test_triton_decode_plan():
     """Up to DECODE_MAX_QUERIES queries go to Triton's decode kernel; in the tests' decode shapes
     the keys are split (so the merge kernel runs too) under the interpreter."""
     try:
-        from fastgpt.kernels import attention as triton_attention
+        from fastgpt.kernels import interpreting
+        from fastgpt.kernels.attention_decode import decode_plan
     except ImportError as exc:
         pytest.skip(f"needs triton: {exc}")
-    if not triton_attention.interpreting():
+    if not interpreting():
         pytest.skip("the split count on a GPU depends on its multiprocessor count")
     q = torch.empty(0)
-    plan = triton_attention._decode_plan(2, 2, 4, 1, 77, 64, q)
+    plan = decode_plan(2, 2, 4, 1, 77, 64, q)
     assert plan is not None and plan.splits > 1 and plan.block_m == 16
     assert plan.splits * plan.keys_per_split >= 77 > (plan.splits - 1) * plan.keys_per_split
-    assert triton_attention._decode_plan(1, 1, 1, 1, 1, 16, q).splits == 1  # one tile: no merge
-    assert triton_attention._decode_plan(1, 4, 1, 5, 50, 40, q) is None  # more queries: the forward kernel
-    assert triton_attention._decode_plan(1, 1, 32, 4, 50, 40, q) is None  # more than 64 rows
+    assert decode_plan(1, 1, 1, 1, 1, 16, q).splits == 1  # one tile: no merge
+    assert decode_plan(1, 4, 1, 5, 50, 40, q) is None  # more queries: the forward kernel
+    assert decode_plan(1, 1, 32, 4, 50, 40, q) is None  # more than 64 rows
