@@ -137,7 +137,9 @@ def add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual
         y = y * weight.to(ct)
     if bias is not None:
         y = y + bias.to(ct)
-    return y.to(x.dtype), h32.to(h_dtype), mean.to(torch.float32), rstd.to(torch.float32)
+    # contiguous outputs whatever x's layout, as the op's fake kernel (and every backend) gives them
+    return (y.to(x.dtype).contiguous(), h32.to(h_dtype).contiguous(), mean.to(torch.float32).contiguous(),
+            rstd.to(torch.float32).contiguous())
 
 
 def add_layer_norm_backward(dy, dh, h, weight, bias, mean, rstd, is_rms_norm):

@@ -185,6 +185,7 @@ def add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual
     h_dtype = residual_stream_dtype(x.dtype, residual_in_fp32)
     # the sum is taken in h's dtype when that is wider (fp32 residual stream): no half rounding first
     h = torch.add(x.to(h_dtype), residual.to(h_dtype)) if h_dtype != x.dtype else torch.add(x, residual).to(h_dtype)
+    h = h.contiguous()  # the contract's layout whatever x's (torch.add keeps a transposed x transposed)
     dtype = _norm_dtype(h, weight, bias)
     h_n, w, b = (None if t is None else t.to(dtype) for t in (h, weight, bias))
     n = [h.shape[-1]]

@@ -158,6 +158,21 @@ def test_opcheck_and_compile_fullgraph(backend, rms, device):
     assert_close("dweight", expected, w.grad, torch.float32)
 
 
+@pytest.mark.parametrize("residual_in_fp32", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_match_the_fake_kernel_for_a_transposed_x(backend, residual_in_fp32, device):
+    """Outputs are contiguous whatever x's layout, as the op's fake kernel says (torch.compile and
+    opcheck rely on it): a backend that kept x's transposed strides failed here."""
+    skip_unless_runs(backend, device)
+    dtype = torch.float16 if residual_in_fp32 else torch.float32
+    x = torch.randn(8, 6, device=device, dtype=dtype).t()
+    residual = torch.randn(8, 6, device=device, dtype=dtype).t()
+    skip_unless_supports("add_layer_norm", backend, x, residual, None, None)
+    torch.library.opcheck(
+        torch.ops.fastgpt.add_layer_norm.default, (x, residual, None, None, 1e-5, False, residual_in_fp32, backend)
+    )
+
+
 def test_bad_inputs_raise_clear_errors():
     x = torch.randn(4, 8)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
