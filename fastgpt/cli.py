@@ -6,6 +6,8 @@ status 2, never a traceback; what can be checked before training starts is check
 starts. ``train`` holds a lock on its ``--out`` folder; SIGINT (Ctrl-C) or SIGTERM stops it after
 the step under way and saves (exit status 130 or 143), a training step whose loss or gradients are
 not finite stops it with exit status 2 (``--skip-nonfinite`` skips such steps). See docs/reliability.md.
+Under ``torchrun`` every process is one rank of a DistributedDataParallel run (docs/distributed.md):
+rank 0 prints, holds the lock and writes the checkpoint, and every message names its rank.
 """
 
 import argparse
@@ -20,8 +22,9 @@ import torch
 
 from fastgpt.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, load_model, remove_interrupted_saves
 from fastgpt.data import ByteDataset, DataError, decode, encode, read_text_file, stdlib_corpus
-from fastgpt import dispatch, registry
+from fastgpt import dispatch, distributed, registry
 from fastgpt.run_lock import FolderInUse, RunLock
+from fastgpt.distributed import DistributedError
 from fastgpt.train import PRESETS, Interrupted, Trainer, TrainConfig, TrainingDiverged, build_config
 
 # model flags: (flag, GPTConfig field, type, help)
@@ -134,7 +137,12 @@ def add_train_arguments(p):
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--tie-weights", action="store_true", default=None, help="share embedding and output weights")
     p.add_argument("--max-steps", type=int, default=TrainConfig.max_steps)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help="sequences per optimizer step, over all ranks and micro-batches together "
+                        f"(default: {TrainConfig.batch_size})")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="split each step's batch into K micro-batches, one forward and backward each, "
+                        "summing their gradients: the same step in less memory (default: 1)")
     p.add_argument("--lr", type=float, default=TrainConfig.learning_rate, help="peak learning rate")
     p.add_argument("--eval-interval", type=int, default=TrainConfig.eval_interval)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -145,6 +153,9 @@ def add_train_arguments(p):
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip (and count) steps whose loss or gradients are NaN/inf instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others at a collective before the job "
+                        f"fails (default: {distributed.DEFAULT_TIMEOUT_S:g})")
 
 
 def _model_overrides(args):
@@ -165,25 +176,43 @@ def _resumed_config(args, ckpt_config):
     return ckpt_config
 
 
+def _silent(*args, **kwargs):
+    pass
+
+
 def run_train(args):
-    for name in ("max_steps", "batch_size", "eval_interval"):
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_interval"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     _check_positive_finite("--lr", args.lr)
+    _check_positive_finite("--dist-timeout", args.dist_timeout)
     if args.sample_tokens < 0:
         raise UsageError(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
     _check_environment()
     device = _check_device(args.device or default_device())
+    rank, world_size, _ = distributed.environment()
+    parts = args.grad_accum * world_size
+    if args.batch_size % parts:
+        raise UsageError(
+            f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum} × {world_size} "
+            f"rank(s) = {parts}: it counts the sequences of one optimizer step over all ranks and micro-batches"
+        )
+    say = print if rank == 0 else _silent  # rank 0 speaks for the job
     text = read_text_file(args.data) if args.data else stdlib_corpus()
     ckpt_file = os.path.join(args.out, "ckpt.safetensors")
     if args.resume and not os.path.isfile(ckpt_file):
-        raise CheckpointError(f"no checkpoint at {ckpt_file}")
-    lock = _lock_out(args.out)
+        where = " (every rank reads it: --out must be a folder all machines see)" if world_size > 1 else ""
+        raise CheckpointError(f"no checkpoint at {ckpt_file}{where}")
+    lock = _lock_out(args.out) if rank == 0 else None  # the one rank that writes there
+    context = distributed.SINGLE
     try:
-        removed = remove_interrupted_saves(args.out)
-        if removed:
-            print(f"removed {len(removed)} temporary file(s) left by an interrupted save in {args.out}")
-        trainer = _trainer(args, device, text, ckpt_file)
+        if lock is not None:
+            removed = remove_interrupted_saves(args.out)
+            if removed:
+                say(f"removed {len(removed)} temporary file(s) left by an interrupted save in {args.out}")
+        if distributed.launched():
+            context, device = distributed.init(device, args.dist_timeout)
+        trainer = _trainer(args, device, text, ckpt_file, context, say)
         try:
             trainer.run(ckpt_file, progress=not args.no_progress)
         except Interrupted as exc:
@@ -192,9 +221,13 @@ def run_train(args):
             return 130
         finally:
             if trainer.skipped:
-                print(f"skipped {trainer.skipped} step(s) whose loss or gradients were not finite")
+                say(f"skipped {trainer.skipped} step(s) whose loss or gradients were not finite")
     finally:
-        lock.release()
+        distributed.shutdown(context)
+        if lock is not None:
+            lock.release()
+    if not context.is_main:
+        return 0
     try:
         print(f"checkpoint: {ckpt_file}")
         if args.sample_tokens:
@@ -207,7 +240,7 @@ def run_train(args):
     return 0
 
 
-def _trainer(args, device, text, ckpt_file):
+def _trainer(args, device, text, ckpt_file, context, say):
     """The Trainer for these flags: a new model, or the one resumed from ``ckpt_file``."""
     checkpoint = None
     if args.resume:
@@ -222,6 +255,7 @@ def _trainer(args, device, text, ckpt_file):
     cfg = TrainConfig(
         max_steps=args.max_steps,
         batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
         learning_rate=args.lr,
         min_learning_rate=args.lr / 10,
         eval_interval=args.eval_interval,
@@ -230,16 +264,23 @@ def _trainer(args, device, text, ckpt_file):
     )
     dataset = ByteDataset(text, config.context_length)
     source = args.data or "the Python standard library's sources"
-    print(f"data: {source}: {len(dataset.train):,} training bytes, {len(dataset.held_out):,} held out")
-    trainer = Trainer(config, cfg, dataset, device, checkpoint, backend=args.backend)
-    print(
+    say(f"data: {source}: {len(dataset.train):,} training bytes, {len(dataset.held_out):,} held out")
+    trainer = Trainer(config, cfg, dataset, device, checkpoint, backend=args.backend, dist=context)
+    say(
         f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {config.n_layers} layers, d_model "
         f"{config.d_model}, {config.norm_position}-norm, backend {args.backend} on {device}"
     )
+    if context.distributed or cfg.grad_accum > 1:
+        micro = cfg.batch_size // (cfg.grad_accum * context.world_size)
+        ranks = f"{context.world_size} rank(s) ({'nccl' if device.type == 'cuda' else 'gloo'}), " if context.distributed else ""
+        say(f"batch: {cfg.batch_size} sequences per step = {ranks}{cfg.grad_accum} micro-batch(es) of {micro} per rank")
     if args.resume:
-        print(f"resuming from step {trainer.step} of {cfg.max_steps}")
+        written_by = checkpoint["progress"].get("world_size", 1)
+        say(f"resuming from step {trainer.step} of {cfg.max_steps} (checkpoint written by {written_by} rank(s))"
+            if written_by != context.world_size else f"resuming from step {trainer.step} of {cfg.max_steps}")
     else:
-        print(f"step 0: held-out loss {trainer.held_out_loss():.4f}")
+        loss = trainer.held_out_loss()  # a collective: every rank computes its part
+        say(f"step 0: held-out loss {loss:.4f}")
     return trainer
 
 
@@ -393,6 +434,22 @@ def build_parser():
 
 
 def main(argv=None):
+    if not distributed.launched():
+        return _main(argv)
+    entry = _main
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's failure summary then shows a rank's traceback
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        entry = record(_main)
+    try:
+        return entry(argv)
+    except Exception as exc:  # a bug or an unforeseen failure: which rank, and why, before the traceback
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        print(f"fastgpt: {distributed.label()}failed: {type(exc).__name__}: {reason}", file=sys.stderr, flush=True)
+        raise
+
+
+def _main(argv):
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
@@ -408,12 +465,18 @@ def main(argv=None):
         from fastgpt import bench
 
         return bench.run(args)
-    except (UsageError, DataError, CheckpointError, TrainingDiverged) as exc:
-        print(f"fastgpt {args.command}: error: {exc}", file=sys.stderr)
+    except (UsageError, DataError, CheckpointError, TrainingDiverged, DistributedError) as exc:
+        print(f"fastgpt {args.command}: {distributed.label()}error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fastgpt {args.command}: interrupted", file=sys.stderr)
+        print(f"fastgpt {args.command}: {distributed.label()}interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if not (args.command == "train" and distributed.launched() and distributed.is_collective_failure(exc)):
+            raise
+        print(f"fastgpt train: {distributed.label()}error: {distributed.explain(exc, args.dist_timeout)}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

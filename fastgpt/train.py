@@ -1,10 +1,17 @@
-"""Training: AdamW with warm-up and cosine decay, held-out evaluation, atomic checkpoints, resume.
+"""Training: AdamW with warm-up and cosine decay, held-out evaluation, atomic checkpoints, resume;
+in one process or, under torchrun, on several with DistributedDataParallel (``fastgpt.distributed``).
+
+A step reads one global batch of ``batch_size`` sequences, in ``grad_accum`` micro-batches each
+shared out among the ranks, so the same seed gives the same batches and the same schedule whatever
+the number of ranks and micro-batches; only the rounding of the sums differs.
 
 Faults: a step whose loss or gradients are not finite stops the run (``TrainingDiverged``) before
 it changes the weights, or is skipped and counted (``skip_nonfinite``); SIGINT and SIGTERM stop the
 run after the step under way and save it (``Interrupted``), and further signals cannot abort that save.
 """
 
+import contextlib
+import inspect
 import math
 import os
 import signal
@@ -13,9 +20,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fastgpt.checkpoint import CheckpointError, restore_model, save_checkpoint
+from fastgpt.distributed import SINGLE
 from fastgpt.nn import GPT, GPTConfig
 
 # model sizes by name; "small" is the default: trains in a few minutes on 2 CPU cores
@@ -29,7 +38,8 @@ PRESETS = {
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    batch_size: int = 32
+    batch_size: int = 32  # sequences per optimizer step, over all ranks and micro-batches together
+    grad_accum: int = 1  # micro-batches per optimizer step (their gradients are summed before the step)
     learning_rate: float = 2e-3
     min_learning_rate: float = 2e-4  # the cosine schedule ends here
     warmup_steps: int = 50
@@ -61,9 +71,11 @@ class _StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, dist=SINGLE):
         self.signum = None
         self._previous = {}
+        # distributed, a signal reaches one rank or all of them (Ctrl-C, torchrun passing one on): all stop
+        self._rank, self._saves = (f"rank {dist.rank}: ", dist.is_main) if dist.distributed else ("", True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -78,9 +90,24 @@ class _StopSignals:
         if self.signum is None:
             self.signum = signum
             message = "stopping after this step, then saving a checkpoint"
+            if not self._saves:
+                message = "stopping after this step with the other ranks; rank 0 saves the checkpoint"
         else:
             message = "already stopping: the checkpoint is being saved (kill -9 would keep the previous one)"
-        os.write(2, f"\n{signal.Signals(signum).name}: {message}\n".encode())  # print() may be mid-write here
+        # print() may be mid-write here
+        os.write(2, f"\n{self._rank}{signal.Signals(signum).name}: {message}\n".encode())
+
+
+# DDP's flag that turns off the buffer broadcast before every forward (renamed in torch 2.13)
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def _silent(*args, **kwargs):
+    pass
 
 
 def learning_rate(step, cfg):
@@ -91,25 +118,53 @@ def learning_rate(step, cfg):
     return cfg.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_learning_rate)
 
 
+def check_batch_size(cfg, world_size):
+    """Raise ValueError unless a global batch splits into ``grad_accum`` micro-batches of equal parts per rank."""
+    parts = cfg.grad_accum * world_size
+    if cfg.grad_accum < 1:
+        raise ValueError(f"grad_accum must be a positive integer, got {cfg.grad_accum}")
+    if cfg.batch_size % parts:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} must be a multiple of grad_accum {cfg.grad_accum} × {world_size} rank(s) "
+            f"= {parts}: each rank's micro-batch holds batch_size / (grad_accum × ranks) sequences"
+        )
+
+
+def micro_batches(dataset, split, cfg, generator, device, dist=SINGLE):
+    """This rank's parts of one global batch, as ``grad_accum`` (input, target) micro-batches.
+
+    Every rank draws the whole global batch's windows from the same generator (a few numbers), so the
+    generator stays the same on all ranks and in a checkpoint written by any number of them.
+    """
+    x, y = dataset.batch(split, cfg.batch_size, generator)
+    for i in range(cfg.grad_accum):
+        rows = dist.rows(cfg.batch_size, cfg.grad_accum, i)
+        yield x[rows].to(device), y[rows].to(device)
+
+
 @torch.no_grad()
-def held_out_loss(model, dataset, cfg, device):
-    """Mean loss on the same ``eval_batches`` held-out batches every time (a fixed seed)."""
+def held_out_loss(model, dataset, cfg, device, dist=SINGLE):
+    """Mean loss on the same ``eval_batches`` held-out batches every time (a fixed seed), each
+    evaluated in the training's micro-batches and shared out among the ranks like them."""
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
     for _ in range(cfg.eval_batches):
-        x, y = dataset.batch("held_out", cfg.batch_size, generator, device)
-        losses.append(model(x, y)[1].item())
+        for x, y in micro_batches(dataset, "held_out", cfg, generator, device, dist):
+            losses.append(model(x, y)[1].item())
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return dist.average(torch.tensor(sum(losses) / len(losses), dtype=torch.float64)).item()
 
 
 class Trainer:
     """Owns the model, optimizer and random state of one run, so it can be checkpointed and resumed."""
 
-    def __init__(self, model_config, cfg, dataset, device, checkpoint=None, backend="auto"):
-        self.cfg, self.dataset, self.device = cfg, dataset, device
+    def __init__(self, model_config, cfg, dataset, device, checkpoint=None, backend="auto", dist=SINGLE):
+        """``dist``: this process's place in a distributed run (``fastgpt.distributed.init``); the
+        model is then wrapped in DistributedDataParallel for the training steps."""
+        check_batch_size(cfg, dist.world_size)
+        self.cfg, self.dataset, self.device, self.dist = cfg, dataset, device, dist
         torch.manual_seed(cfg.seed)
         self.model = GPT(model_config, backend=backend).to(device)
         self.optimizer = torch.optim.AdamW(
@@ -122,6 +177,13 @@ class Trainer:
         self.history = []  # (step, training loss)
         if checkpoint is not None:
             self._restore(checkpoint)
+        if dist.rank > 0:  # dropout: masks of its own on every rank (rank 0 keeps the single-process stream)
+            torch.manual_seed(hash((cfg.seed, dist.rank, self.step)) % 2**63)
+        self.train_model = self.model  # what the training steps call: the model, or DDP around it
+        if dist.distributed:
+            # the model's only buffer (the positional encoding) is the same on every rank: no broadcasts
+            device_ids = [device] if torch.device(device).type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids, **_NO_BUFFER_SYNC)
 
     def _restore(self, ckpt):
         restore_model(self.model, ckpt["model_state"])
@@ -139,33 +201,46 @@ class Trainer:
             torch.set_rng_state(states["torch"])
 
     def held_out_loss(self):
-        return held_out_loss(self.model, self.dataset, self.cfg, self.device)
+        """The held-out loss (a collective: every rank calls it)."""
+        return held_out_loss(self.model, self.dataset, self.cfg, self.device, self.dist)
 
     def save(self, path):
-        save_checkpoint(
-            path,
-            self.model,
-            self.optimizer,
-            progress={"step": self.step, "train_config": vars(self.cfg)},
-            random_states={"batches": self.batch_generator.get_state(), "torch": torch.get_rng_state()},
-        )
+        """Write the checkpoint (rank 0 only: the weights and optimizer state are the same on every rank,
+        and so is the batch generator, so the file resumes on any number of ranks)."""
+        if self.dist.is_main:
+            save_checkpoint(
+                path,
+                self.model,
+                self.optimizer,
+                progress={"step": self.step, "train_config": vars(self.cfg), "world_size": self.dist.world_size},
+                random_states={"batches": self.batch_generator.get_state(), "torch": torch.get_rng_state()},
+            )
         self.saved_step = self.step
 
     def train_step(self):
-        """One optimizer step; returns the training loss.
+        """One optimizer step; returns the training loss (the global batch's mean).
 
+        The gradients of the ``grad_accum`` micro-batches are summed, each micro-batch's loss scaled
+        by ``1 / grad_accum``; under DDP they are averaged over the ranks once, after the last one.
         A loss or gradient that is not finite raises ``TrainingDiverged`` before the weights change
-        (with ``skip_nonfinite``: the step is skipped, counted in ``skipped``, and its loss returned).
+        (with ``skip_nonfinite``: the step is skipped, counted in ``skipped``, and its loss returned);
+        all ranks see the same loss and gradients, so they all take the same decision.
         """
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, self.cfg)
-        x, y = self.dataset.batch("train", self.cfg.batch_size, self.batch_generator, self.device)
-        _, loss = self.model(x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        steps, loss = self.cfg.grad_accum, 0.0
+        batches = micro_batches(self.dataset, "train", self.cfg, self.batch_generator, self.device, self.dist)
+        for i, (x, y) in enumerate(batches):
+            syncing = not self.dist.distributed or i == steps - 1
+            with contextlib.nullcontext() if syncing else self.train_model.no_sync():
+                _, micro_loss = self.train_model(x, y)
+                (micro_loss / steps if steps > 1 else micro_loss).backward()
+            loss = loss + micro_loss.detach().float()
+        loss = self.dist.average(loss / steps)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-        loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()  # one device sync
+        loss_value, norm_value = torch.stack([loss, norm.float()]).tolist()  # one device sync
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             if not self.cfg.skip_nonfinite:
                 what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {norm_value}"
@@ -186,25 +261,33 @@ class Trainer:
         SIGINT (Ctrl-C) or SIGTERM stops training after the step under way; the checkpoint is then
         saved and ``Interrupted`` raised (a ``KeyboardInterrupt``). Divergence raises
         ``TrainingDiverged`` and writes nothing. Returns the final held-out loss.
+
+        Distributed, every rank calls it; only rank 0 shows progress, logs and saves, and a signal
+        to any rank stops all of them after the same step.
         """
         self.model.train()
+        if not self.dist.is_main:
+            progress, log = False, _silent
         tokens_per_step = self.cfg.batch_size * self.dataset.context_length
         bar = tqdm(
             total=self.cfg.max_steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True
         )
-        with _StopSignals() as stop:
+        say = bar.write if self.dist.is_main else _silent  # bar.write prints also when the bar is disabled
+        steps_timed, seconds_timed = 0, 0.0
+        with _StopSignals(self.dist) as stop:
             try:
-                while self.step < self.cfg.max_steps and stop.signum is None:
+                while self.step < self.cfg.max_steps and not self._agreed_signal(stop):
                     started, skipped = time.perf_counter(), self.skipped
                     loss = self.train_step()
                     self.history.append((self.step, loss))
                     bar.update(1)
                     seconds = time.perf_counter() - started
+                    steps_timed, seconds_timed = steps_timed + 1, seconds_timed + seconds
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}")
                     if self.skipped > skipped:
-                        bar.write(f"step {self.step}: skipped, loss or gradients not finite ({self.skipped} so far)")
+                        say(f"step {self.step}: skipped, loss or gradients not finite ({self.skipped} so far)")
                     if self.step % self.cfg.eval_interval == 0 and self.step < self.cfg.max_steps:
-                        bar.write(f"step {self.step}: held-out loss {self.held_out_loss():.4f}")
+                        say(f"step {self.step}: held-out loss {self.held_out_loss():.4f}")
                         if checkpoint_file:
                             self.save(checkpoint_file)
             except KeyboardInterrupt:  # raised by code between steps; signals are handled by ``stop``
@@ -218,16 +301,24 @@ class Trainer:
                     kept = f"the checkpoint of step {self.saved_step} is kept"
                 raise TrainingDiverged(f"training diverged at {exc}; {kept} (try a lower learning rate)") from None
             bar.close()
-            if stop.signum is not None:
+            signum = self._agreed_signal(stop)
+            if signum:
                 self._save_interrupted(checkpoint_file, log)
-                raise Interrupted(stop.signum)
+                raise Interrupted(signum)
             final = self.held_out_loss()
             log(f"step {self.step}: held-out loss {final:.4f}")
+            if steps_timed:
+                log(f"speed: {steps_timed * tokens_per_step / seconds_timed:,.0f} tokens/s "
+                    f"({steps_timed} steps in {seconds_timed:.1f} s, evaluations and saves not counted)")
             if checkpoint_file:
                 self.save(checkpoint_file)
             if stop.signum is not None:  # arrived during the final evaluation or save: the run is complete
                 raise Interrupted(stop.signum)
         return final
+
+    def _agreed_signal(self, stop):
+        """The signal that stops the run (0: none yet): this process's, or, distributed, any rank's."""
+        return self.dist.largest(stop.signum or 0)
 
     def _save_interrupted(self, checkpoint_file, log):
         if checkpoint_file:

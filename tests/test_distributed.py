@@ -1,0 +1,198 @@
+"""Training on two ranks with DistributedDataParallel on the CPU (gloo): the same losses as one process
+with the same global batch and seed, gradient accumulation, resuming across world sizes, and failures
+that end the job with the rank and the reason. Ranks are started by ``torch.multiprocessing`` (the
+Trainer) and by ``torchrun`` (the command); docs/distributed.md."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing
+from tiny_training import TEXT
+
+from fastgpt import distributed
+from fastgpt.checkpoint import load_checkpoint
+from fastgpt.cli import main
+from fastgpt.data import ByteDataset
+from fastgpt.nn import GPTConfig
+from fastgpt.train import Trainer, TrainConfig
+
+STEPS, SAVED_AT = 12, 6
+TOLERANCE = 1e-5  # per-step losses: DDP sums the ranks' gradients in another order than one process does
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def trainer(grad_accum=1, checkpoint=None, dist=distributed.SINGLE):
+    """A tiny run without dropout (whose masks depend on the rows a process holds), global batch 8."""
+    config = GPTConfig(context_length=16, n_layers=2, n_heads=2, d_model=32)
+    cfg = TrainConfig(max_steps=STEPS, batch_size=8, grad_accum=grad_accum, eval_interval=100, eval_batches=2,
+                      warmup_steps=2, seed=3)
+    return Trainer(config, cfg, ByteDataset(TEXT, 16), "cpu", checkpoint, backend="reference", dist=dist)
+
+
+def run(t, until, save_at=None, path=None):
+    losses = []
+    while t.step < until:
+        losses.append(t.train_step())
+        if t.step == save_at:
+            t.save(path)
+    return losses
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_rank_worker(rank, folder, port):
+    """One rank: DDP from scratch (saving at step SAVED_AT), with 2 micro-batches, and resumed from a
+    single-process checkpoint; rank 0 writes the losses (the same on every rank: they are averaged)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    context, _ = distributed.init("cpu", timeout_s=60)
+    try:
+        plain = trainer(dist=context)
+        results = {"ddp": run(plain, STEPS, SAVED_AT, os.path.join(folder, "ddp.safetensors"))}
+        results["held_out"] = plain.held_out_loss()
+        results["ddp_grad_accum_2"] = run(trainer(grad_accum=2, dist=context), STEPS)
+        resumed = trainer(checkpoint=load_checkpoint(os.path.join(folder, "single.safetensors")), dist=context)
+        results["resumed_from_single"] = run(resumed, STEPS)
+        if rank == 0:
+            with open(os.path.join(folder, "results.json"), "w") as f:
+                json.dump(results, f)
+    finally:
+        distributed.shutdown(context)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The single-process losses (saving at step SAVED_AT), and what two ranks gave."""
+    folder = str(tmp_path_factory.mktemp("ddp"))
+    single = trainer()
+    reference = run(single, STEPS, SAVED_AT, os.path.join(folder, "single.safetensors"))
+    torch.multiprocessing.spawn(two_rank_worker, args=(folder, free_port()), nprocs=2)
+    with open(os.path.join(folder, "results.json")) as f:
+        return folder, reference, single.held_out_loss(), json.load(f)
+
+
+def assert_same_losses(got, expected):
+    assert len(got) == len(expected)
+    worst = max(abs(a - b) for a, b in zip(got, expected))
+    assert worst <= TOLERANCE, f"largest per-step difference {worst:.3g}: {got} vs {expected}"
+
+
+def test_two_ranks_give_the_losses_of_one_process_with_the_same_global_batch(two_ranks):
+    _, reference, held_out, results = two_ranks
+    assert_same_losses(results["ddp"], reference)
+    assert abs(results["held_out"] - held_out) <= TOLERANCE
+
+
+def test_two_ranks_with_two_micro_batches_give_the_same_losses(two_ranks):
+    _, reference, _, results = two_ranks
+    assert_same_losses(results["ddp_grad_accum_2"], reference)
+
+
+def test_a_single_process_checkpoint_resumes_on_two_ranks(two_ranks):
+    _, reference, _, results = two_ranks
+    assert_same_losses(results["resumed_from_single"], reference[SAVED_AT:])
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(two_ranks):
+    folder, reference, _, _ = two_ranks
+    ckpt = load_checkpoint(os.path.join(folder, "ddp.safetensors"))
+    assert ckpt["progress"]["world_size"] == 2 and ckpt["progress"]["step"] == SAVED_AT
+    assert_same_losses(run(trainer(checkpoint=ckpt), STEPS), reference[SAVED_AT:])
+
+
+def test_grad_accum_2_equals_one_batch_of_twice_the_micro_batch():
+    assert_same_losses(run(trainer(grad_accum=2), 6), run(trainer(grad_accum=1), 6))
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused():
+    with pytest.raises(ValueError, match=r"batch_size 8 must be a multiple of grad_accum 3 × 1 rank\(s\) = 3"):
+        trainer(grad_accum=3)
+
+
+# ----------------------------------------------------------------------------- the command under torchrun
+
+TINY = ["--preset", "tiny", "--context-length", "16", "--d-model", "32", "--batch-size", "8", "--backend",
+        "reference", "--no-progress"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(TEXT)
+    return str(path)
+
+
+def torchrun(*argv, timeout=120, env=None):
+    """``torchrun --nproc_per_node 2 ARGV`` on the CPU; returns (status, stdout, stderr, seconds)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", **(env or {})}
+    started = time.monotonic()
+    done = subprocess.run([*LAUNCH, *argv], capture_output=True, text=True, timeout=timeout, env=env)
+    return done.returncode, done.stdout, done.stderr, time.monotonic() - started
+
+
+def test_torchrun_trains_with_rank_0_speaking_and_one_process_resumes(tmp_path, corpus, capsys):
+    out = str(tmp_path / "run")
+    code, printed, err, _ = torchrun("-m", "fastgpt", "train", "--data", corpus, "--out", out, "--max-steps", "4",
+                                     "--eval-interval", "2", "--grad-accum", "2", "--sample-tokens", "5", *TINY)
+    assert code == 0, err
+    for line in ("step 0: held-out loss", "step 2: held-out loss", "batch: 8 sequences per step = 2 rank(s) (gloo), "
+                 "2 micro-batch(es) of 2 per rank", "checkpoint: ", "sample:"):
+        assert printed.count(line) == 1, printed  # printed by rank 0 alone
+    assert load_checkpoint(out)["progress"]["world_size"] == 2
+    assert main(["train", "--data", corpus, "--out", out, "--resume", "--max-steps", "6", "--sample-tokens", "0",
+                 "--no-progress", "--backend", "reference"]) == 0
+    assert "resuming from step 4 of 6 (checkpoint written by 2 rank(s))" in capsys.readouterr().out
+    progress = load_checkpoint(out)["progress"]
+    assert progress["step"] == 6 and progress["world_size"] == 1
+
+
+FAULTY = """
+import os, sys, time
+from fastgpt import train
+
+train_step = train.Trainer.train_step
+
+def faulty_step(self):
+    if self.dist.rank == 1 and self.step == 2:
+        if os.environ["FAULT"] == "raise":
+            raise RuntimeError("injected failure")
+        time.sleep(float(os.environ["FAULT"]))  # hangs, as far as the other rank can tell
+    return train_step(self)
+
+train.Trainer.train_step = faulty_step
+from fastgpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def faulty(tmp_path):
+    path = tmp_path / "faulty.py"
+    path.write_text(FAULTY)
+    return str(path)
+
+
+def test_a_rank_that_raises_ends_the_job_naming_the_rank_and_the_reason(tmp_path, corpus, faulty):
+    code, _, err, seconds = torchrun(faulty, "train", "--data", corpus, "--out", str(tmp_path / "run"),
+                                     "--max-steps", "50", "--sample-tokens", "0", *TINY, env={"FAULT": "raise"})
+    assert code != 0 and seconds < 60, err
+    assert "fastgpt: rank 1: failed: RuntimeError: injected failure" in err, err
+
+
+def test_a_rank_that_stops_answering_ends_the_job_after_the_timeout(tmp_path, corpus, faulty):
+    code, _, err, seconds = torchrun(faulty, "train", "--data", corpus, "--out", str(tmp_path / "run"),
+                                     "--max-steps", "50", "--sample-tokens", "0", "--dist-timeout", "3", *TINY,
+                                     env={"FAULT": "8"})
+    assert code != 0 and seconds < 60, err
+    assert "fastgpt train: rank 0: error: another rank did not answer within the collective timeout (3 s" in err, err
