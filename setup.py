@@ -67,7 +67,8 @@ ext_modules, cmdclass = _extensions(_load_recipe())
 setup(
     packages=find_packages(include=["fastgpt", "fastgpt.*"]) + ["fastgpt.kernels"] + list(CSRC_PACKAGES),
     package_dir={"fastgpt.kernels": "kernels", **CSRC_PACKAGES},
-    package_data={name: ["*.cpp", "*.h", "*.cu"] for name in CSRC_PACKAGES},
+    # auto's measured tables (fastgpt/auto_tables/<device class>.json, written by fastgpt bench --tune)
+    package_data={"fastgpt": ["auto_tables/*.json"], **{name: ["*.cpp", "*.h", "*.cu"] for name in CSRC_PACKAGES}},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

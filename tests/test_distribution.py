@@ -62,6 +62,12 @@ def test_wheel_carries_the_sources_for_a_first_use_build(dist):
     assert {p for p in local if f"{p}/__init__.py" in tracked} <= packages
 
 
+def test_auto_tables_ship_in_both(dist):
+    tables = {str(p.relative_to(ROOT)) for p in (ROOT / "fastgpt" / "auto_tables").glob("*.json")}
+    assert tables, "fastgpt/auto_tables holds the measured tables backend='auto' reads"
+    assert tables <= dist["sdist"] and tables <= dist["wheel"]
+
+
 def test_wheel_carries_the_license(dist):
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in dist["wheel"])
 
