@@ -165,7 +165,6 @@ def _example_half_sum():
 # examples meeting a backend's conditions are left out of the fuzz; test_known_differences_remain
 # shows each one (a strict xfail: when a backend is fixed, it fails until its entry here goes)
 KNOWN_DIFFERENCES = {
-    "native": [BLIND_ROW],
     "triton": [BLIND_ROW, MINUS_INF_SCORES],
     "torch": [NAN_SCORES, MINUS_INF_SCORES],
 }

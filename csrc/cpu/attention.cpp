@@ -160,11 +160,15 @@ void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at:
         });
       }
 
-      // normalize; a row that saw no key gives o = 0 and lse = -inf
+      // normalize; a row that saw no key gives o = 0 (written, not scaled: its zero probabilities
+      // times a NaN in v are NaN) and lse = -inf; a NaN row_sum (NaN scores) stays NaN
       for (int64_t r = 0; r < block_q; ++r) {
         float* row = &acc[r * head_dim];
-        const float inverse = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
-        scale_in_place(row, head_dim, inverse);
+        if (row_sum[r] == 0.f) {
+          std::fill(row, row + head_dim, 0.f);
+        } else {
+          scale_in_place(row, head_dim, 1.f / row_sum[r]);
+        }
         const int64_t out_row = (b * heads + h) * seq_q + first_query + r;
         store_row(row, head_dim, out.scalar_type(), mutable_element_ptr(out, out_row * head_dim));
         lse_out[out_row] = row_sum[r] > 0.f ? row_max[r] + std::log(row_sum[r]) : kNegInf;

@@ -196,10 +196,14 @@ FASTGPT_CPU_DISPATCH void accumulate_block(const float* probs, int64_t rows, con
 // ----------------------------------------------------------------------------- the kernel
 
 // Normalizes an accumulated output row and stores it with its log-sum-exp; a row that saw no key
-// gives o = 0 and lse = -inf.
+// gives o = 0 (written, not scaled: its zero probabilities times a NaN in v are NaN) and lse = -inf.
 void finish_row(float* acc, int64_t head_dim, float row_max, float row_sum, at::ScalarType dtype, void* out_row,
                 float* lse) {
-  scale_in_place(acc, head_dim, row_sum > 0.f ? 1.f / row_sum : 0.f);
+  if (row_sum == 0.f) {
+    std::fill(acc, acc + head_dim, 0.f);
+  } else {
+    scale_in_place(acc, head_dim, 1.f / row_sum);
+  }
   store_row(acc, head_dim, dtype, out_row);
   *lse = row_sum > 0.f ? row_max + std::log(row_sum) : kNegInf;
 }
