@@ -141,7 +141,7 @@ def torchrun(*argv, timeout=120, env=None):
     return done.returncode, done.stdout, done.stderr, time.monotonic() - started
 
 
-def test_torchrun_trains_with_rank_0_speaking_and_one_process_resumes(tmp_path, corpus, capsys):
+def test_torchrun_trains_with_rank_0_speaking_and_one_process_resumes_and_samples(tmp_path, corpus, capsys):
     out = str(tmp_path / "run")
     code, printed, err, _ = torchrun("-m", "fastgpt", "train", "--data", corpus, "--out", out, "--max-steps", "4",
                                      "--eval-interval", "2", "--grad-accum", "2", "--sample-tokens", "5", *TINY)
@@ -155,6 +155,7 @@ def test_torchrun_trains_with_rank_0_speaking_and_one_process_resumes(tmp_path, 
     assert "resuming from step 4 of 6 (checkpoint written by 2 rank(s))" in capsys.readouterr().out
     progress = load_checkpoint(out)["progress"]
     assert progress["step"] == 6 and progress["world_size"] == 1
+    assert main(["sample", "--ckpt", out, "--max-new-tokens", "4", "--backend", "reference"]) == 0
 
 
 FAULTY = """
