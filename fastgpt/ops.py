@@ -212,23 +212,11 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, softcap=0.0, bac
     if heads % kv_heads:
         raise ValueError(f"q's heads ({heads}) must be a multiple of k's and v's kv_heads ({kv_heads})")
     causal, scale = bool(causal), _check_scale(scale, d)
-    if window is not None or softcap != 0.0:
-        return _attention_variant(q, k, v, causal, scale, window, softcap, backend)
+    options = _NO_OPTIONS
+    if window is not None or softcap != 0.0:  # only backends that declare these variants run them
+        causal, options = _variant_options(causal, window, softcap)
     training = _needs_grad(q, k, v)
     if torch.compiler.is_compiling():  # one opaque node in the graph
-        o, _ = torch.ops.fastgpt.attention(q, k, v, causal, scale, backend, training)
-        return o
-    impl = dispatch.resolve("attention", backend, (q, k, v), training)
-    if not training:
-        return impl.attention_forward(q, k, v, causal, scale)[0]
-    return _AttentionFunction.apply(q, k, v, causal, scale, impl, _NO_OPTIONS)
-
-
-def _attention_variant(q, k, v, causal, scale, window, softcap, backend):
-    """``attention`` with a window or a soft cap: only backends that declare them run it."""
-    causal, options = _variant_options(causal, window, softcap)
-    training = _needs_grad(q, k, v)
-    if torch.compiler.is_compiling():
         o, _ = torch.ops.fastgpt.attention(q, k, v, causal, scale, backend, training, *_schema_options(options))
         return o
     impl = dispatch.resolve("attention", backend, (q, k, v), training, frozenset(options))
