@@ -109,7 +109,7 @@ def test_the_user_table_comes_before_the_shipped_one(fresh_decisions, tmp_path):
 
 def test_the_tuner_writes_a_table_auto_reads(fresh_decisions, monkeypatch, tmp_path):
     lines = []
-    table = tune.tune("cpu", dtypes=[torch.float32], sizes="tiny", budget_s=0.002, rounds=1, log=lines.append)
+    table = tune.tune("cpu", dtypes=[torch.float32], sizes="tiny", budget_s=0.002, log=lines.append)
     assert table["choices"] and len(lines) >= len(table["choices"])
     candidates = {b.name for b in registry.auto_candidates("cpu")}
     for key, choice in table["choices"].items():

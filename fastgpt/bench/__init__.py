@@ -66,7 +66,6 @@ from fastgpt.bench.plots import write_plots
 from fastgpt.bench.records import SCHEMA, add_ratios, case_key, first_line, record
 from fastgpt.bench.running import (
     SCORE_BYTES_LIMIT,
-    TIMING_BLOCKS,
     make_input_sets,
     run_cases,
     skip_reason,
@@ -74,12 +73,20 @@ from fastgpt.bench.running import (
 )
 from fastgpt.bench.settings import DTYPE_NAMES, DTYPES, Settings, default_dtypes
 from fastgpt.bench.tables import format_line, markdown_table
-from fastgpt.bench.timing import Timing, input_set_count, time_calls, timed_calls, warm_up
+from fastgpt.bench.timing import (
+    TIMING_BLOCKS,
+    Timing,
+    input_set_count,
+    time_calls,
+    time_interleaved,
+    timed_calls,
+    warm_up,
+)
 
 __all__ = [
     "DESCRIPTION", "OPS", "add_arguments", "main", "run", "settings_for",
     "Settings", "DTYPES", "DTYPE_NAMES", "default_dtypes",
-    "Timing", "time_calls", "timed_calls", "warm_up", "input_set_count",
+    "Timing", "time_calls", "time_interleaved", "timed_calls", "warm_up", "input_set_count",
     "machine_info", "cpu_model", "backend_report", "last_level_cache_bytes", "measure_ceilings", "best_ceilings",
     "SCHEMA", "record", "case_key", "add_ratios", "first_line",
     "Case", "PASSES", "Impl", "BASELINE_BACKEND", "fastgpt_backends", "fastgpt_impls",

@@ -157,12 +157,12 @@ def run_tune(args, device, argv=None):
         print(f"fastgpt bench: --tune-out {path!r} is a folder: name the table's file", file=sys.stderr)
         return 2
     sizes = args.sizes or ("quick" if args.quick else "full")
-    budget_s, rounds = {"full": (1.0, 5), "quick": (0.3, 3)}.get(sizes, (0.01, 1))
+    budget_s = {"full": 1.0, "quick": 0.3}.get(sizes, 0.01)
     if argv is None:  # `fastgpt bench ...` or `python -m fastgpt.bench ...`
         argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
     command = " ".join(["fastgpt", "bench", *argv])
     print(f"fastgpt bench --tune: every backend auto may use on {device}, one typical call per bucket", flush=True)
-    table = tune.tune(device, args.dtype, sizes, budget_s, rounds, command=command)
+    table = tune.tune(device, args.dtype, sizes, budget_s, command=command)
     try:
         tune.write_table(table, path)
     except OSError as exc:

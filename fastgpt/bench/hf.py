@@ -14,9 +14,8 @@ import warnings
 import torch
 
 from fastgpt.bench.records import first_line
-from fastgpt.bench.running import TIMING_BLOCKS
 from fastgpt.bench.settings import DTYPE_NAMES, default_dtypes
-from fastgpt.bench.timing import summarize, timed_calls
+from fastgpt.bench.timing import TIMING_BLOCKS, block_reps, summarize, timed_calls
 
 # attn_implementation -> kind: fastgpt's against the two a transformers user would otherwise pick
 IMPLEMENTATIONS = {"fastgpt": "fastgpt", "sdpa": "baseline", "eager": "baseline"}
@@ -266,7 +265,7 @@ def _time_case(models, pass_, batch, new_tokens, shape, tokens, dtype, settings)
             records[name].update(status=status, reason=f"{type(exc).__name__}: {first_line(exc)}")
     for block in range(TIMING_BLOCKS):
         for name, (step, reps, times) in list(timed.items()):
-            count = reps // TIMING_BLOCKS + (1 if block < reps % TIMING_BLOCKS else 0)
+            count = block_reps(reps, block)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")

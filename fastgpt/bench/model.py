@@ -12,7 +12,7 @@ from fastgpt import registry
 from fastgpt.bench.implementations import BASELINE_BACKEND
 from fastgpt.bench.records import first_line
 from fastgpt.bench.settings import DTYPE_NAMES
-from fastgpt.bench.timing import summarize, timed_calls, warm_up
+from fastgpt.bench.timing import time_interleaved
 
 
 def model_configs(device, sizes):
@@ -143,19 +143,6 @@ def make_generate_step(cfg_kwargs, batch, prompt, new_tokens, backend, device, d
     return step
 
 
-def time_interleaved(steps, settings, rounds=3):
-    """``{name: Timing}`` of each of ``steps`` ({name: step}), timed in ``rounds`` interleaved rounds
-    (each first in turn), so that load on a shared machine hits every implementation alike."""
-    reps = {name: warm_up(step, 2, settings) for name, step in steps.items()}
-    times = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            count = max(1, -(-reps[name] // rounds))
-            times[name] += timed_calls(steps[name], r, count, 2, settings)
-    return {name: summarize(t) for name, t in times.items()}
-
-
 def profile_step(step, top=8):
     """Where one call of ``step`` spends its time: the ``top`` operators by self time (ms, calls)."""
     from torch.profiler import ProfilerActivity, profile
@@ -198,7 +185,7 @@ def _measure(settings, emit, pass_, shape, dtype, tokens, impls, make_step, memo
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            timings = time_interleaved(steps, settings)
+            timings = time_interleaved(steps, 2, settings)
             for impl in impls:
                 if impl.name not in timings:
                     continue

@@ -7,17 +7,20 @@ import torch
 
 from fastgpt import ops
 from fastgpt.bench.records import first_line, record
-from fastgpt.bench.timing import input_set_count, page_faults, summarize, timed_calls, warm_up
+from fastgpt.bench.timing import (
+    TIMING_BLOCKS,
+    block_reps,
+    input_set_count,
+    page_faults,
+    summarize,
+    timed_calls,
+    warm_up,
+)
 
 # Implementations that materialize the (b, h, sq, sk) score matrix are skipped above this many
 # bytes of fp32 scores: past it they would only measure the allocator (or run out of memory).
 SCORE_BYTES_LIMIT = {"cuda": 16 << 30, "cpu": 2 << 30}
 MATERIALIZING_IMPLS = ("torch eager", "torch.compile", "fastgpt/reference", "sdpa/math")
-
-# Each implementation's timed repetitions are taken in this many blocks, in turn with the other
-# implementations' blocks (A B C A B C ...): a slow spell of a shared machine then falls on every
-# implementation alike, instead of on whichever happened to run during it.
-TIMING_BLOCKS = 3
 
 
 def skip_reason(impl, case, settings):
@@ -94,7 +97,7 @@ def run_cases(cases, impls, settings, emit):
                     records[index] = record(case, impl, settings, *_failure(exc, impl, caught, settings))
         for block in range(TIMING_BLOCKS):
             for index, (step, reps, times, faults) in list(timed.items()):
-                count = reps // TIMING_BLOCKS + (1 if block < reps % TIMING_BLOCKS else 0)
+                count = block_reps(reps, block)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     try:

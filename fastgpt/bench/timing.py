@@ -71,6 +71,29 @@ def timed_calls(step, first, count, n_sets, settings):
     return times
 
 
+# Each implementation's timed repetitions are taken in this many blocks, in turn with the other
+# implementations' blocks (A B C A B C ...): a slow spell of a shared machine then falls on every
+# implementation alike, instead of on whichever happened to run during it.
+TIMING_BLOCKS = 3
+
+
+def block_reps(reps, block):
+    """How many of ``reps`` repetitions block number ``block`` (of TIMING_BLOCKS) takes."""
+    return reps // TIMING_BLOCKS + (1 if block < reps % TIMING_BLOCKS else 0)
+
+
+def time_interleaved(steps, n_sets, settings):
+    """``{name: Timing}`` of each of ``steps`` ({name: step(i)}), warmed up, then timed in
+    TIMING_BLOCKS blocks taken in turn, each step going first in turn."""
+    reps = {name: warm_up(step, n_sets, settings) for name, step in steps.items()}
+    times = {name: [] for name in steps}
+    names = list(steps)
+    for block in range(TIMING_BLOCKS):
+        for name in names[block % len(names):] + names[: block % len(names)]:
+            times[name] += timed_calls(steps[name], len(times[name]), block_reps(reps[name], block), n_sets, settings)
+    return {name: summarize(t) for name, t in times.items()}
+
+
 def time_calls(step, n_sets, settings):
     """Time ``step(i)`` (i cycling over the input sets): warm-up excluded, median and p20/p80 in ms."""
     reps = warm_up(step, n_sets, settings)

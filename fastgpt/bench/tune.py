@@ -2,9 +2,10 @@
 this machine, and write the table (``fastgpt/auto_rule.py`` says how it is read).
 
 Each bucket is timed on one typical shape: every backend ``auto`` may use on the device runs the
-same inputs, in interleaved rounds (so a busy moment of a shared machine hits all of them), and the
-median over rounds is compared. A fastgpt backend is chosen over torch's kernels only when it is
-faster by more than ``MARGIN``: ``auto`` must never be slower than torch by more than noise.
+same inputs, their calls interleaved in blocks (``fastgpt.bench.timing.time_interleaved``, so a busy
+moment of a shared machine hits all of them), and the medians are compared. A fastgpt backend is
+chosen over torch's kernels only when it is faster by more than ``MARGIN``: ``auto`` must never be
+slower than torch by more than noise.
 """
 
 import datetime
@@ -17,7 +18,8 @@ import torch
 
 from fastgpt import auto_rule, dispatch, ops, registry
 from fastgpt.bench.machine import machine_info
-from fastgpt.bench.settings import DTYPE_NAMES
+from fastgpt.bench.settings import DTYPE_NAMES, Settings
+from fastgpt.bench.timing import TIMING_BLOCKS, time_interleaved
 
 MARGIN = 0.05  # a fastgpt kernel must beat torch's by 5% of its time to be picked
 BASELINE = "torch"
@@ -70,17 +72,17 @@ def _step(op, backend, inputs, training):
     when ``training``."""
     if op == "attention":
 
-        def forward():
+        def forward(_input_set=0):  # one input set: the timing's step(i) signature
             return ops.attention(*inputs, causal=True, backend=backend)
     else:
 
-        def forward():
+        def forward(_input_set=0):
             return ops.add_layer_norm(*inputs, backend=backend)[0]
 
     if not training:
         return forward
 
-    def forward_backward():
+    def forward_backward(_input_set=0):
         out = forward()
         grads = torch.autograd.grad(out, [t for t in inputs if t is not None], torch.ones_like(out))
         return grads
@@ -88,34 +90,10 @@ def _step(op, backend, inputs, training):
     return forward_backward
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(steps, device, budget_s, rounds):
-    """Median ms per call of each of ``steps`` ({name: step}), over ``rounds`` interleaved rounds
-    of about ``budget_s`` / ``rounds`` each."""
-    calls = {}
-    for name, step in steps.items():  # warm up, and find how many calls fill a round
-        step()
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        one = max(time.perf_counter() - t0, 1e-6)
-        calls[name] = int(min(1000, max(1, budget_s / rounds / len(steps) / one)))
-    times = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # each goes first in turn
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(calls[name]):
-                steps[name]()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3 / calls[name])
-    return {name: statistics.median(t) for name, t in times.items()}
+def _settings(device, sizes, budget_s):
+    """How one bucket is timed (``fastgpt.bench.timing``): ``budget_s`` of repetitions per backend."""
+    return Settings(device=device, sizes=sizes, budget_s=budget_s, min_reps=TIMING_BLOCKS, max_reps=3000, warmup=1,
+                    compile_skip_reason=None, rotate_bytes=0)
 
 
 def _buckets(device, dtypes):
@@ -130,8 +108,9 @@ def _buckets(device, dtypes):
                 yield "add_layer_norm", shape, dtype, training
 
 
-def tune(device, dtypes=None, sizes="full", budget_s=1.0, rounds=5, command=None, log=print):
-    """Measure every bucket on ``device``; returns the table (a dict, see ``auto_rule.read_table``)."""
+def tune(device, dtypes=None, sizes="full", budget_s=1.0, command=None, log=print):
+    """Measure every bucket on ``device``, each in about ``budget_s`` of timed calls; returns the
+    table (a dict, see ``auto_rule.read_table``)."""
     dtypes = dtypes or tune_dtypes(device)
     scale = SIZE_SCALE.get(sizes, 1)
     candidates = [b.name for b in registry.auto_candidates(device)]
@@ -145,7 +124,8 @@ def tune(device, dtypes=None, sizes="full", budget_s=1.0, rounds=5, command=None
             log(f"{key}: nothing to compare ({', '.join(runnable) or 'no backend'} runs it)")
             continue
         steps = {name: _step(op, name, inputs, training) for name in runnable}
-        ms = time_interleaved(steps, device, budget_s, rounds)
+        timings = time_interleaved(steps, 1, _settings(device, sizes, budget_s / len(steps)))
+        ms = {name: timing.median_ms for name, timing in timings.items()}
         best = min(ms, key=ms.get)
         chosen = best if best == BASELINE or ms[best] < (1 - MARGIN) * ms[BASELINE] else BASELINE
         choices[key] = {
