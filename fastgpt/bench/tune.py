@@ -11,8 +11,6 @@ slower than torch by more than noise.
 import datetime
 import json
 import os
-import statistics
-import time
 
 import torch
 
