@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_oracle import assert_forward_matches, assert_grads_match, attention_float64
 from conftest import BACKENDS, assert_close, skip_unless_runs, skip_unless_supports
 
 import fastgpt
@@ -30,23 +31,6 @@ SHAPES = [
     (1, 3, 1, 4, 45, 24, False),
     (1, 2, 2, 2, 1, 16, True),  # more queries than keys: the first sees none
 ]
-
-
-def attention_float64(q, k, v, causal, scale):
-    """softmax(q kᵀ · scale) v in float64 with the bottom-right causal mask; rows that see nothing give 0."""
-    q, k, v = q.double(), k.double(), v.double()
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale
-    seq_q, seq_k = q.shape[2], k.shape[2]
-    visible = torch.ones(seq_q, seq_k, dtype=torch.bool)
-    if causal:
-        visible = torch.arange(seq_k)[None, :] <= torch.arange(seq_q)[:, None] + (seq_k - seq_q)
-    row_sees_something = visible.any(-1, keepdim=True)
-    scores = torch.where(visible, scores, -math.inf)
-    lse = torch.logsumexp(scores, -1)
-    probs = torch.softmax(torch.where(row_sees_something, scores, 0.0), -1) * row_sees_something
-    return torch.einsum("bhij,bhjd->bhid", probs, v), lse
 
 
 def make_qkv(shape, dtype, device, layout):
@@ -79,17 +63,10 @@ def test_forward_and_backward_match_float64(backend, shape, dtype, layout, devic
     o64, lse64 = attention_float64(q64, k64, v64, causal, scale)
     o64.backward(do.cpu().double())
 
-    assert o.dtype == dtype and o.is_contiguous()
-    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
-    assert_close("o", o, o64, dtype)
-    seen = torch.isfinite(lse64)
-    assert torch.equal(torch.isfinite(lse).cpu(), seen), "lse must be -inf exactly for rows that see no key"
-    assert_close("lse", lse.cpu()[seen], lse64[seen], dtype)
+    assert_forward_matches(o, lse, o64, lse64, q, dtype)
 
-    dq, dk, dv = torch.ops.fastgpt.attention_backward(do, q, k, v, o, lse, causal, scale, backend)
-    for name, grad, ref, like in (("dq", dq, q64.grad, q), ("dk", dk, k64.grad, k), ("dv", dv, v64.grad, v)):
-        assert grad.dtype == like.dtype and grad.shape == like.shape
-        assert_close(name, grad, ref, dtype, factor=2.0)
+    grads = torch.ops.fastgpt.attention_backward(do, q, k, v, o, lse, causal, scale, backend)
+    assert_grads_match(grads, (q64.grad, k64.grad, v64.grad), (q, k, v), dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import assert_close
-from test_attention import attention_float64
+from attention_oracle import attention_float64
 
 from fastgpt import native
 

@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from attention_oracle import attention_float64
 from conftest import assert_close
 
 import fastgpt
@@ -88,18 +89,6 @@ def test_bf16_add_norm_is_right_under_the_interpreter():
         assert_close(name, grad, grad_ref, torch.bfloat16)
 
 
-def _attention_float64(q, k, v, scale):
-    """Causal (bottom-right) softmax(q kᵀ · scale) v and its lse in float64; rows that see no key give 0, -inf."""
-    group = q.shape[1] // k.shape[1]
-    q, k, v = q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
-    seq_q, seq_k = q.shape[2], k.shape[2]
-    visible = torch.arange(seq_k)[None, :] <= torch.arange(seq_q)[:, None] + (seq_k - seq_q)
-    scores = torch.where(visible, q @ k.transpose(-1, -2) * scale, float("-inf"))
-    lse = torch.logsumexp(scores, -1)
-    probs = torch.softmax(torch.where(visible.any(-1, keepdim=True), scores, 0.0), -1) * visible.any(-1, keepdim=True)
-    return probs @ v, lse
-
-
 @pytest.mark.parametrize("scale", [-0.3, 0.0])
 @pytest.mark.parametrize("seq_q, seq_k", [(1, 77), (33, 65), (65, 33)], ids=["decode", "forward", "rows-see-none"])
 def test_attention_takes_a_negative_or_zero_scale(scale, seq_q, seq_k):
@@ -111,7 +100,7 @@ def test_attention_takes_a_negative_or_zero_scale(scale, seq_q, seq_k):
     q = torch.randn(1, 4, seq_q, 40, generator=generator)
     k, v = (torch.randn(1, 2, seq_k, 40, generator=generator) for _ in range(2))
     o, lse = kernels.attention_forward(q, k, v, True, scale)
-    o_ref, lse_ref = _attention_float64(q, k, v, scale)
+    o_ref, lse_ref = attention_float64(q, k, v, True, scale)
     assert_close("o", o, o_ref, torch.float32)
     seen = torch.isfinite(lse_ref)
     assert_close("lse", lse[seen], lse_ref[seen], torch.float32)

@@ -1,5 +1,5 @@
 """The attention variants (sliding window, soft-capping, packed sequences) on every backend that
-declares them, against a float64 formula with an explicit mask written here; backends that do not
+declares them, against the float64 formula with an explicit mask (tests/attention_oracle.py); backends that do not
 declare one decline it with a reason, and ``auto`` passes them by."""
 
 import dataclasses
@@ -11,6 +11,7 @@ import numpy
 import pytest
 import torch
 import wrapper_backend
+from attention_oracle import assert_forward_matches, assert_grads_match, attention_float64
 from conftest import BACKENDS, assert_close, skip_unless_runs, skip_unless_supports
 
 import fastgpt
@@ -37,40 +38,6 @@ def declared(name):
 
 def backends_declaring(*variants, among=ALL_BACKENDS):
     return [name for name in among if set(variants) <= declared(name)]
-
-
-# ----------------------------------------------------------------------------- the float64 formula
-
-
-def visible_keys(seq_q, seq_k, causal, window):
-    """Query i sees key j when i + off - left <= j <= i + off + right, off = seq_k - seq_q; causal: right = 0."""
-    left, right = window if window is not None else (-1, -1)
-    if causal:
-        right = 0
-    i = torch.arange(seq_q)[:, None] + (seq_k - seq_q)
-    j = torch.arange(seq_k)[None, :]
-    visible = torch.ones(seq_q, seq_k, dtype=torch.bool)
-    if right >= 0:
-        visible &= j <= i + right
-    if left >= 0:
-        visible &= j >= i - left
-    return visible
-
-
-def attention_float64(q, k, v, causal, scale, window=None, softcap=0.0):
-    """(o, lse) in float64 on (batch, heads, seq, head_dim) tensors; rows that see nothing give 0 / -inf."""
-    q, k, v = q.double(), k.double(), v.double()
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    visible = visible_keys(q.shape[2], k.shape[2], causal, window)
-    sees = visible.any(-1, keepdim=True)
-    scores = torch.where(visible, scores, -math.inf)
-    lse = torch.logsumexp(scores, -1)
-    probs = torch.softmax(torch.where(sees, scores, 0.0), -1) * sees
-    return torch.einsum("bhij,bhjd->bhid", probs, v), lse
 
 
 def random_tensor(shape, dtype, device, layout, scale=1.0):
@@ -140,18 +107,11 @@ def test_window_and_softcap_match_float64(backend, case, dtype, layout, device, 
     o64, lse64 = attention_float64(q64, k64, v64, causal, scale, window, softcap)
     o64.backward(do.cpu().double())
 
-    assert o.dtype == dtype and o.is_contiguous()
-    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
-    assert_close("o", o, o64, dtype)
-    seen = torch.isfinite(lse64)
-    assert torch.equal(torch.isfinite(lse).cpu(), seen), "lse must be -inf exactly for rows that see no key"
-    assert_close("lse", lse.cpu()[seen], lse64[seen], dtype)
+    seen = assert_forward_matches(o, lse, o64, lse64, q, dtype)
     assert (o.cpu()[~seen] == 0).all(), "a row that sees no key outputs zeros"
 
-    dq, dk, dv = torch.ops.fastgpt.attention_backward(do, q, k, v, o, lse, causal, scale, backend, left, right, softcap)
-    for name, grad, ref, like in (("dq", dq, q64.grad, q), ("dk", dk, k64.grad, k), ("dv", dv, v64.grad, v)):
-        assert grad.dtype == like.dtype and grad.shape == like.shape
-        assert_close(name, grad, ref, dtype, factor=2.0)
+    grads = torch.ops.fastgpt.attention_backward(do, q, k, v, o, lse, causal, scale, backend, left, right, softcap)
+    assert_grads_match(grads, (q64.grad, k64.grad, v64.grad), (q, k, v), dtype)
 
 
 @pytest.mark.parametrize("backend", backends_declaring("window"))
