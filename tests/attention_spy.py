@@ -19,3 +19,18 @@ def attention_calls(monkeypatch):
 
     monkeypatch.setattr(fastgpt.ops, "attention", spy)
     return calls
+
+
+@pytest.fixture
+def varlen_attention_calls(monkeypatch):
+    """``(q shape, cu_seqlens_q, cu_seqlens_k, causal)`` of every fastgpt.ops.varlen_attention call
+    during the test (the offsets as lists)."""
+    calls = []
+    real = fastgpt.ops.varlen_attention
+
+    def spy(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs):
+        calls.append((tuple(q.shape), cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), kwargs.get("causal", True)))
+        return real(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
+
+    monkeypatch.setattr(fastgpt.ops, "varlen_attention", spy)
+    return calls

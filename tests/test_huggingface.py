@@ -1,5 +1,6 @@
-"""attn_implementation="fastgpt" in Hugging Face transformers: the same answers as "sdpa", and fastgpt's
-attention really runs where the integration claims it does (tiny models from configs, no download)."""
+"""attn_implementation="fastgpt" in Hugging Face transformers: the same answers as "sdpa" (or "eager",
+for soft-capped models "sdpa" cannot run), and fastgpt's attention really runs where the integration
+claims it does — padded batches on its variable-length path — (tiny models from configs, no download)."""
 
 import copy
 import subprocess
@@ -9,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from attention_spy import attention_calls  # noqa: F401 - a fixture
+from attention_spy import attention_calls, varlen_attention_calls  # noqa: F401 - fixtures
 
 import fastgpt
 
@@ -106,29 +107,8 @@ def test_greedy_generate_batch_1_matches_sdpa(kind, cache, attention_calls):
     assert torch.equal(fast.generate(ids, **options), sdpa.generate(ids, **options))
     # prefill: every layer on fastgpt (a static cache's prefill included, its unused slots cut off)
     assert attention_calls[:LAYERS] == [(1, 4, SEQ, 16)] * LAYERS
-    if cache == "dynamic":  # a static cache's decode steps carry a mask; a dynamic one's do not
-        assert len(attention_calls) == LAYERS * 6
-
-
-@pytest.mark.parametrize("kind", CONFIGS)
-def test_greedy_generate_left_padded_batch_matches_sdpa(kind, attention_calls):
-    fast, sdpa = models(kind)
-    ids = tokens(3)
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0  # left padding, as batched generate uses
-    mask[2, :1] = 0
-    ids = ids.masked_fill(mask == 0, 0)
-    options = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert torch.equal(fast.generate(ids, **options), sdpa.generate(ids, **options))
-    assert attention_calls == []  # padding masks go to SDPA until fastgpt has variable lengths
-
-
-def test_right_padded_batch_matches_sdpa():
-    fast, sdpa = models("llama")
-    ids = tokens(2)
-    mask = torch.ones_like(ids)
-    mask[0, -4:] = 0
-    assert torch.equal(fast(ids, attention_mask=mask).logits, sdpa(ids, attention_mask=mask).logits)
+    # decode steps too: a static cache's carry a mask (causal over the filled slots), read as such
+    assert len(attention_calls) == LAYERS * 6
 
 
 def test_attention_dropout_in_training_runs_sdpa_with_one_warning(monkeypatch, attention_calls):
@@ -144,14 +124,6 @@ def test_attention_dropout_in_training_runs_sdpa_with_one_warning(monkeypatch, a
     assert len(record) == 1 and attention_calls == []
 
 
-@pytest.mark.parametrize("window, accelerated", [(5, False), (64, True)])
-def test_sliding_window_goes_to_sdpa_only_where_it_masks(window, accelerated, attention_calls):
-    fast, sdpa = same_weights(transformers.MistralConfig(**CONFIGS["llama"][1], sliding_window=window))
-    ids = tokens(1)
-    assert relative_error(fast(ids).logits, sdpa(ids).logits) < TOLERANCE[torch.float32]
-    assert len(attention_calls) == (LAYERS if accelerated else 0)
-
-
 def test_register_is_idempotent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -163,12 +135,11 @@ def test_register_is_idempotent():
 @pytest.mark.parametrize(
     "option",
     [
-        dict(softcap=30.0),
         dict(position_bias=torch.randn(1, 4, SEQ, SEQ)),
         dict(output_attentions=True),
         dict(is_causal=True, kv_shorter=True),  # SDPA's top-left causal mask is not fastgpt's bottom-right one
     ],
-    ids=["softcap", "position_bias", "output_attentions", "fewer_keys_than_queries"],
+    ids=["position_bias", "output_attentions", "fewer_keys_than_queries"],
 )
 def test_what_fastgpt_does_not_compute_gets_sdpa_s_answer(option, attention_calls):
     fastgpt._huggingface.register()  # as a model's import would
@@ -182,10 +153,161 @@ def test_what_fastgpt_does_not_compute_gets_sdpa_s_answer(option, attention_call
     for forward in (fastgpt._huggingface.attention_forward, sdpa_attention_forward):
         try:
             outcomes.append(forward(module, q, k, v, None, **option)[0])
-        except ValueError as exc:  # SDPA refuses softcap: so must fastgpt
+        except ValueError as exc:  # an option SDPA refuses: so must fastgpt
             outcomes.append(str(exc))
     if isinstance(outcomes[1], str):
         assert outcomes[0] == outcomes[1]
     else:
         assert torch.equal(outcomes[0], outcomes[1])
     assert attention_calls == []
+
+
+# ----------------------------------------------------------------------------- padded batches
+
+LENGTHS = (SEQ, SEQ - 5, SEQ - 1, SEQ - 9)  # tokens of each row of a padded batch
+# transformers 4.53's GPT-2 builds its own additive float mask; a float mask's fully masked rows (left
+# padding) are not zeros in SDPA, so fastgpt leaves those calls to it
+GPT2_FLOAT_MASKS = not hasattr(transformers.models.gpt2.modeling_gpt2, "create_causal_mask")
+
+
+def padded_batch(side, batch=3):
+    """(input_ids, attention_mask): rows of LENGTHS tokens padded on ``side`` with token 0."""
+    ids = tokens(batch)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(LENGTHS[:batch]):
+        if side == "left":
+            mask[row, SEQ - length :] = 1
+        else:
+            mask[row, :length] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.fixture
+def sdpa_fallbacks(monkeypatch):
+    """The q shapes of the calls attn_implementation="fastgpt" hands to transformers' SDPA."""
+    calls = []
+    real = fastgpt._huggingface._sdpa_attention_forward
+
+    def spy(module, query, *args, **kwargs):
+        calls.append(tuple(query.shape))
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(fastgpt._huggingface, "_sdpa_attention_forward", spy)
+    return calls
+
+
+def test_padded_batch_helper():
+    ids, mask = padded_batch("left")
+    assert mask.sum(1).tolist() == list(LENGTHS[:3]) and mask[:, -1].all() and not mask[1, 0]
+    ids, mask = padded_batch("right")
+    assert mask.sum(1).tolist() == list(LENGTHS[:3]) and mask[:, 0].all() and not mask[1, -1]
+    assert (ids[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_padded_batch_logits_and_gradients_match_sdpa(kind, side, dtype, varlen_attention_calls, sdpa_fallbacks):
+    fast, sdpa = models(kind, dtype)
+    ids, mask = padded_batch(side)
+    results = []
+    for model in (fast, sdpa):
+        out = model(ids, attention_mask=mask, labels=ids)  # the loss over every position, padding included
+        out.loss.backward()
+        results.append((out.logits, {name: p.grad for name, p in model.named_parameters()}))
+    (logits, grads), (sdpa_logits, sdpa_grads) = results
+    assert relative_error(logits, sdpa_logits) < TOLERANCE[dtype]  # every position, padding included
+    for position in range(SEQ):  # no position hides behind the others' larger logits
+        assert relative_error(logits[:, position], sdpa_logits[:, position]) < TOLERANCE[dtype], position
+    for name, grad in grads.items():
+        assert relative_error(grad, sdpa_grads[name]) < TOLERANCE[dtype] * 3, name
+    if kind == "gpt2" and side == "left" and GPT2_FLOAT_MASKS:
+        assert len(sdpa_fallbacks) == LAYERS and varlen_attention_calls == []
+        return
+    assert sdpa_fallbacks == []
+    # left padding: one call per layer; right padding: a second, non-causal one for the rows past
+    # each sequence's end (they see the whole sequence in SDPA too)
+    assert len(varlen_attention_calls) == LAYERS * (1 if side == "left" else 2)
+    (q_shape, cu_q, cu_k, causal) = varlen_attention_calls[0]
+    assert causal and q_shape == (sum(LENGTHS[:3]), 4, 16) and cu_q == cu_k == [0, 17, 29, 45]
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_greedy_generate_left_padded_batch_of_4_matches_sdpa(
+    kind, attention_calls, varlen_attention_calls, sdpa_fallbacks
+):
+    fast, sdpa = models(kind)
+    ids, mask = padded_batch("left", batch=4)
+    options = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(fast.generate(ids, **options), sdpa.generate(ids, **options))
+    prefill_on_sdpa = kind == "gpt2" and GPT2_FLOAT_MASKS
+    assert len(sdpa_fallbacks) == (LAYERS if prefill_on_sdpa else 0)
+    if not prefill_on_sdpa:  # the prefill: the four prompts packed, no padding row computed
+        assert [call[0][0] for call in varlen_attention_calls[:LAYERS]] == [sum(LENGTHS)] * LAYERS
+    # and every decode step (one query per sequence against its own keys) on fastgpt
+    assert len(varlen_attention_calls) + len(attention_calls) + len(sdpa_fallbacks) == LAYERS * 6
+
+
+def mistral(window, dtype=torch.float32):
+    return same_weights(transformers.MistralConfig(**CONFIGS["llama"][1], sliding_window=window), dtype)
+
+
+@pytest.mark.parametrize("side", ["none", "left"])
+def test_sliding_window_runs_on_fastgpt(side, attention_calls, varlen_attention_calls, sdpa_fallbacks):
+    fast, sdpa = mistral(window=4)  # 17 tokens: the window hides keys from most queries
+    ids, mask = padded_batch("left", batch=3) if side == "left" else (tokens(2), None)
+    assert relative_error(fast(ids, attention_mask=mask).logits, sdpa(ids, attention_mask=mask).logits) < 1e-4
+    assert sdpa_fallbacks == []
+    # without padding the mask is the window alone: dense attention with it; with padding, varlen
+    assert len(attention_calls if side == "none" else varlen_attention_calls) == LAYERS
+    options = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(fast.generate(ids, **options), sdpa.generate(ids, **options))
+    assert sdpa_fallbacks == []
+
+
+def test_sliding_window_with_right_padding_goes_to_sdpa(varlen_attention_calls, sdpa_fallbacks):
+    # rows past a sequence's end see its last `window` keys: not a mask varlen_attention has
+    fast, sdpa = mistral(window=4)
+    ids, mask = padded_batch("right")
+    assert torch.equal(fast(ids, attention_mask=mask).logits, sdpa(ids, attention_mask=mask).logits)
+    assert len(sdpa_fallbacks) == LAYERS and varlen_attention_calls == []
+
+
+GEMMA2 = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=64, pad_token_id=0,
+    sliding_window=4,  # layer 0 slides, layer 1 sees everything
+    initializer_range=0.5,  # scores large enough for the cap to change them
+    attn_logit_softcapping=1.0,
+)
+
+
+def gemma2(**overrides):
+    """("fastgpt", "eager") Gemma 2 models with the same weights: "sdpa" has no soft cap."""
+    config = transformers.Gemma2Config(**{**GEMMA2, **overrides})
+    fast, eager = (
+        transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=name)
+        for name in ("fastgpt", "eager")
+    )
+    torch.manual_seed(0)
+    eager.load_state_dict(fast.state_dict())
+    return fast.eval(), eager.eval()
+
+
+@pytest.mark.filterwarnings("ignore:fastgpt.ops")  # soft capping runs on the reference backend
+@pytest.mark.parametrize("side", ["none", "left"])
+def test_gemma2_soft_cap_and_window_match_eager(side, attention_calls, varlen_attention_calls, sdpa_fallbacks):
+    fast, eager = gemma2()
+    ids, mask = padded_batch("left") if side == "left" else (tokens(2), None)
+    logits = fast(ids, attention_mask=mask).logits
+    assert sdpa_fallbacks == []
+    assert len(attention_calls if side == "none" else varlen_attention_calls) == LAYERS
+    expected = eager(ids, attention_mask=mask).logits
+    # eager's fully masked rows (left padding) average every value where SDPA and fastgpt give
+    # zeros; transformers never reads those positions (no real query sees a padded key, and their
+    # labels are -100), so the comparison is over the real tokens
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    assert relative_error(logits[real], expected[real]) < 1e-4
+    uncapped, _ = gemma2(attn_logit_softcapping=None)
+    uncapped.load_state_dict(fast.state_dict())
+    assert relative_error(uncapped(ids, attention_mask=mask).logits[real], expected[real]) > 1e-2  # the cap matters

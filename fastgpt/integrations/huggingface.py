@@ -20,13 +20,16 @@ import importlib.util
 import sys
 import warnings
 
+import torch
+
 from fastgpt import ops
+from fastgpt.integrations import hf_padding
 
 NAME = "fastgpt"
 MIN_TRANSFORMERS = "4.53"
 
 # keyword arguments whose presence changes the result in ways fastgpt's attention does not compute
-_UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "output_attentions")
+_UNSUPPORTED_KWARGS = ("position_bias", "s_aux", "output_attentions")
 
 _sdpa_attention_forward = None  # transformers' SDPA function, captured by register()
 _warned_dropout = False
@@ -40,37 +43,63 @@ def attention_forward(
     # the caller's is_causal goes to SDPA unchanged: transformers 4.53's SDPA honours an explicit
     # True even beside a mask, which would hide every cached key but the first from a decode step
     causal_here = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    softcap = kwargs.get("softcap") or 0.0
     if dropout > 0.0:
         _warn_dropout_once(dropout)
-    elif _runs_on_fastgpt(query, key, value, attention_mask, causal_here, kwargs):
-        causal = causal_here and query.shape[2] > 1
-        if causal and key.shape[2] > query.shape[2]:
-            # Only a static cache's first prefill gets here (the mask function returns None for it):
-            # keys past the queries are empty slots, and SDPA's top-left causal mask never reaches them.
-            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
-        out = ops.attention(query, key, value, causal=causal, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
+    elif _fastgpt_computes(query, key, value, kwargs):
+        if attention_mask is None and not (causal_here and query.shape[2] > 1 and key.shape[2] < query.shape[2]):
+            # SDPA's causal mask is top-left: with fewer keys than queries it is not fastgpt's bottom-right one
+            causal = causal_here and query.shape[2] > 1
+            if causal and key.shape[2] > query.shape[2]:
+                # Only a static cache's first prefill gets here (the mask function returns None for it):
+                # keys past the queries are empty slots, and SDPA's top-left causal mask never reaches them.
+                key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+            out = ops.attention(query, key, value, causal=causal, scale=scaling, softcap=softcap)
+            return out.transpose(1, 2).contiguous(), None
+        if attention_mask is not None and is_causal is not True and not torch.compiler.is_compiling():
+            # the mask alone says what each query sees (both versions' SDPA drop their own causal mask
+            # beside one); reading it needs its values, which a compiled graph does not have
+            plan = hf_padding.plan(
+                attention_mask, query.shape[0], query.shape[2], key.shape[2], _window_left(kwargs.get("sliding_window"))
+            )
+            if plan is not None:
+                return hf_padding.attention(plan, query, key, value, scaling, softcap), None
+    if softcap:
+        # 5.24's SDPA raises this itself; 4.53's would drop the cap without a word
+        raise ValueError(
+            f"fastgpt cannot run this soft-capped attention call ({_why_not(attention_mask, dropout, kwargs)}) and "
+            'transformers\' SDPA has no softcap: use attn_implementation="eager" for this model'
+        )
     return _sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
 
 
-def _runs_on_fastgpt(query, key, value, attention_mask, is_causal, kwargs):
-    """Whether fastgpt computes exactly what transformers' SDPA path would for this call.
+def _window_left(sliding_window):
+    """transformers' ``sliding_window`` W (a query sees itself and the W - 1 keys before it: its mask
+    functions keep ``kv_idx > q_idx - W``) as fastgpt's window left side."""
+    return None if not sliding_window else int(sliding_window) - 1
 
-    A sliding window needs no check: the mask function puts it in ``attention_mask`` wherever it
-    masks a key, and SDPA ignores ``sliding_window`` itself."""
+
+def _fastgpt_computes(query, key, value, kwargs):
+    """Whether fastgpt's attention takes these tensors and options (the mask is judged separately)."""
     return (
-        attention_mask is None
-        and all(kwargs.get(name) is None or kwargs.get(name) is False for name in _UNSUPPORTED_KWARGS)
+        all(kwargs.get(name) is None or kwargs.get(name) is False for name in _UNSUPPORTED_KWARGS)
         and query.dtype == key.dtype == value.dtype
         and key.shape == value.shape
         and query.shape[0] == key.shape[0]
         and query.shape[3] == key.shape[3]
         and query.shape[1] % key.shape[1] == 0
-        # SDPA's causal mask is top-left: with fewer keys than queries it is not fastgpt's bottom-right one
-        and not (is_causal and query.shape[2] > 1 and key.shape[2] < query.shape[2])
     )
+
+
+def _why_not(attention_mask, dropout, kwargs):
+    if dropout > 0.0:
+        return f"attention dropout {dropout}"
+    unsupported = [name for name in _UNSUPPORTED_KWARGS if kwargs.get(name) not in (None, False)]
+    if unsupported:
+        return f"{', '.join(unsupported)} given"
+    return "its attention mask is not causal + padding" if attention_mask is not None else "its shapes"
 
 
 def _warn_dropout_once(dropout):
