@@ -21,6 +21,7 @@ MAIN_KERNELS = (
     "attention_decode_split_kernel",
     "add_layer_norm_forward_kernel",
     "add_layer_norm_backward_kernel",
+    "add_layer_norm_sum_partials_kernel",
 )
 ARCHS = ("sm_80", "sm_90")
 
@@ -31,7 +32,7 @@ def test_cuda_sources_exist():
     assert (CUDA_DIR / "launchers.h").is_file() and (CUDA_DIR / "bindings.cpp").is_file()
 
 
-@pytest.mark.parametrize("path", CU_SOURCES + [CUDA_DIR / "launchers.h", CUDA_DIR / "limits.h"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CU_SOURCES + sorted(CUDA_DIR.glob("*.h")), ids=lambda p: p.name)
 def test_cuda_sources_include_no_torch_header(path):
     includes = re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', path.read_text(), flags=re.M)
     torch_headers = [h for h in includes if re.match(r"(torch|ATen|c10|caffe2)/", h)]
@@ -62,7 +63,7 @@ def test_check_compile_succeeds(compiled):
     assert result.returncode == 0, f"check_compile.sh failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     for kernel in MAIN_KERNELS:
         for arch in ARCHS:
-            assert any(a == arch and name.startswith(kernel + "<") for a, name in kernels), f"{kernel} for {arch}"
+            assert any(a == arch and name.split("<")[0] == kernel for a, name in kernels), f"{kernel} for {arch}"
 
 
 def test_main_kernels_do_not_spill(compiled):
@@ -105,3 +106,184 @@ def test_bindings_parse_against_torch_headers():
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert result.returncode == 0, "bindings.cpp does not parse:\n" + "\n".join(errors[:30] or [result.stderr[-3000:]])
+
+
+# The add+LayerNorm backward's launch geometry and the order it adds dweight / dbias in, checked
+# on the CPU: this program includes csrc/cuda/add_layer_norm_schedule.h, the header the kernels
+# take row_config, the program count, lane_sum and tree_step from, and adds (rows, n) terms per
+# column the way the two backward kernels do. Within a level of the second kernel's tree the lanes
+# run in a random order (only barriers order them on the GPU), so a race in the order shows up as
+# different bits; sums are checked against float64 with the float32 error bound of the order's depth.
+SCHEDULE_CHECK = r"""
+#include "add_layer_norm_schedule.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+using namespace fastgpt::cuda;
+
+static int failures = 0;
+#define CHECK(cond, ...)                                          \
+  do {                                                            \
+    if (!(cond)) {                                                \
+      if (++failures <= 20) {                                     \
+        std::printf("FAIL line %d (%s): ", __LINE__, #cond);      \
+        std::printf(__VA_ARGS__);                                 \
+        std::printf("\n");                                       \
+      }                                                           \
+    }                                                             \
+  } while (0)
+
+// Column sums of terms (rows, n) as the backward computes them with `programs` programs.
+static std::vector<float> backward_column_sums(const std::vector<float>& terms, int64_t rows, int64_t n,
+                                               int64_t programs, std::mt19937& schedule) {
+  const int64_t slots = backward_rows_per_program(n);
+  // kernel 1: slot s of program p adds rows gR + s for its groups g = p, p + P, ... in order;
+  // the program adds its slots in slot order into its partial row
+  std::vector<float> partial(programs * n);
+  for (int64_t p = 0; p < programs; ++p)
+    for (int64_t col = 0; col < n; ++col) {
+      float program_sum = 0.0f;
+      for (int64_t s = 0; s < slots; ++s) {
+        float slot_sum = 0.0f;
+        for (int64_t group = p; group * slots < rows; group += programs)
+          if (group * slots + s < rows) slot_sum += terms[(group * slots + s) * n + col];
+        program_sum += slot_sum;
+      }
+      partial[p * n + col] = program_sum;
+    }
+  // kernel 2: lanes, then the tree; lanes of one level in a random order
+  std::vector<float> out(n);
+  std::vector<int> order(kSumLanes);
+  std::iota(order.begin(), order.end(), 0);
+  for (int64_t col = 0; col < n; ++col) {
+    float lanes[kSumLanes];
+    std::shuffle(order.begin(), order.end(), schedule);
+    for (int lane : order) lanes[lane] = lane_sum(partial.data(), programs, n, col, lane);
+    for (int width = kSumLanes / 2; width > 0; width /= 2) {
+      std::shuffle(order.begin(), order.end(), schedule);
+      for (int lane : order) tree_step(lanes, 1, lane, width);
+    }
+    out[col] = lanes[0];
+  }
+  return out;
+}
+
+static void check_geometry() {
+  const int64_t widths[] = {1, 7, 8, 100, 256, 257, 512, 513, 768, 1000, 1024, 1025, 2048, 3000, 4096, 8192, 8193, 12288, 16384};
+  const int64_t row_counts[] = {0, 1, 5, 300, 1000, 4097, 100000, 10000000};
+  const int multiprocessor_counts[] = {1, 108, 132};
+  for (int64_t n : widths) {
+    const RowConfig config = row_config(n);
+    const int threads = config.threads_per_row, chunks = config.chunks;
+    CHECK(threads % 32 == 0 && threads >= 32 && threads <= kMaxThreadsPerRow, "n=%lld T=%d", (long long)n, threads);
+    CHECK(chunks == 1 || chunks == 2 || chunks == 4, "n=%lld K=%d", (long long)n, chunks);
+    CHECK(int64_t(threads) * chunks * kChunk >= n, "n=%lld: T=%d K=%d do not cover the row", (long long)n, threads, chunks);
+    const int slots = backward_rows_per_program(n);
+    // the stage of the backward holds kBackwardThreads * kChunk floats per sum
+    CHECK(slots >= 1 && slots * threads <= kBackwardThreads, "n=%lld: %d rows of %d threads", (long long)n, slots, threads);
+    CHECK((slots + 1) * threads > kBackwardThreads, "n=%lld: room for another row", (long long)n);
+    for (int sms : multiprocessor_counts)
+      for (int64_t rows : row_counts) {
+        const int64_t programs = add_layer_norm_backward_programs(rows, n, sms);
+        const int64_t groups = (rows + slots - 1) / slots;
+        // at most 2 programs (partial rows) per multiprocessor, at least 1 while there is work for it
+        CHECK(programs >= 1 && programs <= 2 * int64_t(sms), "rows=%lld n=%lld sms=%d: %lld programs",
+              (long long)rows, (long long)n, sms, (long long)programs);
+        CHECK(programs <= std::max<int64_t>(groups, 1), "rows=%lld n=%lld: %lld programs for %lld row groups",
+              (long long)rows, (long long)n, (long long)programs, (long long)groups);
+        CHECK(programs >= std::min<int64_t>(groups, sms), "rows=%lld n=%lld sms=%d: %lld programs",
+              (long long)rows, (long long)n, sms, (long long)programs);
+        if (rows > 5000) continue;
+        std::vector<int> visits(rows, 0);  // the kernel's grid-stride: every row exactly once
+        for (int64_t p = 0; p < programs; ++p)
+          for (int64_t group = p; group * slots < rows; group += programs)
+            for (int s = 0; s < slots; ++s)
+              if (group * slots + s < rows) ++visits[group * slots + s];
+        CHECK(std::all_of(visits.begin(), visits.end(), [](int v) { return v == 1; }), "rows=%lld n=%lld sms=%d",
+              (long long)rows, (long long)n, sms);
+      }
+  }
+}
+
+static void check_sums(int64_t rows, int64_t n, int64_t programs, unsigned seed) {
+  std::mt19937 random(seed);
+  std::normal_distribution<float> normal;
+  std::uniform_real_distribution<float> exponent(-3.0f, 3.0f);
+  std::vector<float> terms(rows * n);
+  for (float& t : terms) t = normal(random) * std::pow(10.0f, exponent(random));
+  std::mt19937 schedule_a(seed + 1), schedule_b(seed + 2);
+  const std::vector<float> a = backward_column_sums(terms, rows, n, programs, schedule_a);
+  const std::vector<float> b = backward_column_sums(terms, rows, n, programs, schedule_b);
+  CHECK(std::memcmp(a.data(), b.data(), sizeof(float) * n) == 0, "rows=%lld n=%lld P=%lld: bits depend on the schedule",
+        (long long)rows, (long long)n, (long long)programs);
+  // float32 rounding bound: each sum passes through at most `depth` additions
+  const int64_t slots = backward_rows_per_program(n), groups = (rows + slots - 1) / slots;
+  const int64_t depth = (groups + programs - 1) / programs + slots + (programs + kSumLanes - 1) / kSumLanes + 4;
+  double worst = 0.0;
+  for (int64_t col = 0; col < n; ++col) {
+    double exact = 0.0, magnitude = 0.0;
+    for (int64_t row = 0; row < rows; ++row) {
+      exact += double(terms[row * n + col]);
+      magnitude += std::fabs(double(terms[row * n + col]));
+    }
+    const double bound = 1.01 * double(depth) * std::ldexp(1.0, -24) * magnitude;
+    const double error = std::fabs(double(a[col]) - exact);
+    if (magnitude > 0) worst = std::max(worst, error / (double(depth) * std::ldexp(1.0, -24) * magnitude));
+    CHECK(error <= bound, "rows=%lld n=%lld P=%lld col=%lld: sum %.9g, exact %.9g, error %.3g > bound %.3g",
+          (long long)rows, (long long)n, (long long)programs, (long long)col, a[col], exact, error, bound);
+  }
+  std::printf("sums rows=%lld n=%lld programs=%lld depth=%lld: worst error %.3f of the bound\n", (long long)rows,
+              (long long)n, (long long)programs, (long long)depth, worst);
+}
+
+int main() {
+  check_geometry();
+  check_sums(1000, 768, add_layer_norm_backward_programs(1000, 768, 132), 1);   // 63 programs of 16 rows
+  check_sums(20000, 768, add_layer_norm_backward_programs(20000, 768, 132), 2); // 264 programs, each ~5 groups
+  check_sums(777, 100, 216, 3);      // ragged row and column counts
+  check_sums(3, 40, 1, 4);           // one program, slots past the last row
+  check_sums(10, 64, 264, 5);        // more programs than row groups: zero partial rows
+  check_sums(600, 3000, 37, 6);      // T = 96 threads per row, 5 rows per program
+  check_sums(300, 16384, 216, 7);    // one row per program
+  std::printf("%d failures\n", failures);
+  return failures == 0 ? 0 : 1;
+}
+"""
+
+
+def test_add_layer_norm_backward_schedule_on_cpu(tmp_path):
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("needs a C++ compiler (g++)")
+    source = tmp_path / "schedule_check.cpp"
+    source.write_text(SCHEDULE_CHECK)
+    binary = tmp_path / "schedule_check"
+    build = subprocess.run(
+        [compiler, "-std=c++17", "-O2", f"-I{CUDA_DIR}", str(source), "-o", str(binary)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.stdout.strip().endswith("0 failures")
+
+
+def test_add_layer_norm_backward_uses_the_schedule():
+    """The kernels read their geometry and order from add_layer_norm_schedule.h, which the CPU check tests."""
+    source = (CUDA_DIR / "add_layer_norm.cu").read_text()
+    bindings = (CUDA_DIR / "bindings.cpp").read_text()
+    assert '#include "add_layer_norm_schedule.h"' in source
+    reduce_kernel = source[source.index("void __launch_bounds__(kSumColumns * kSumLanes) add_layer_norm_sum_partials_kernel") :]
+    reduce_kernel = reduce_kernel[: reduce_kernel.index("\n}\n")]
+    assert "lane_sum(" in reduce_kernel and "tree_step(" in reduce_kernel
+    assert "atomicAdd" not in source
+    assert "dim3 block(config.threads_per_row, backward_rows_per_program(n))" in source
+    assert "add_layer_norm_backward_programs(rows, n, multiprocessor_count())" in bindings

@@ -2,11 +2,15 @@
 //
 // Work split: a row of n elements is cut into chunks of kChunk = 8 consecutive elements (one
 // 16-byte load for fp16/bf16, two for fp32). Thread t of a row owns chunks t, t + T, t + 2T, ...
-// (T = threads per row), up to K chunks, and keeps their values in registers between the
-// passes of the row (sum, centered sum of squares, output), so every input is read once.
-//   narrow rows (n <= 1024): one warp per row, 4 rows per block (blockDim = (32, 4)), K = 1, 2, 4;
-//   wide rows (n <= 16384):  one block per row (blockDim = (T, 1)), K = 4, T = n / 32 rounded up
-//                            to whole warps (<= 512).
+// (T = threads per row), up to K chunks (row_config in add_layer_norm_schedule.h):
+//   narrow rows (n <= 1024): one warp per row, K = 1, 2, 4;
+//   wide rows (n <= 16384):  T = n / 32 rounded up to whole warps (<= 512), K = 4.
+// Forward: blockDim = (32, 4) for narrow rows, (T, 1) for wide ones, one row per (block, y); a
+// thread keeps its values in registers between the passes of the row (sum, centered sum of
+// squares, output), so every input is read once.
+// Backward: a bounded grid (<= 2 programs per multiprocessor) of (T, 512 / T) threads striding
+// over rows, then a second kernel adding the programs' partial dweight / dbias rows in a fixed
+// order: see add_layer_norm_backward_kernel.
 // Statistics are fp32. 16-byte vector loads/stores are used when every pointer is 16-byte
 // aligned, n % 8 == 0 and every row stride is a multiple of 8 elements; scalar loads otherwise.
 // x / y / dy have the template element type T; residual, h, dh and dx are fp32 or T, chosen at
@@ -17,15 +21,12 @@
 
 #include <initializer_list>
 
+#include "add_layer_norm_schedule.h"
 #include "launchers.h"
 
 namespace fastgpt {
 namespace cuda {
 namespace {
-
-constexpr int kChunk = 8;              // elements per chunk
-constexpr int kWarpRowsPerBlock = 4;   // rows per block in warp-per-row mode
-constexpr int kMaxThreadsPerRow = 512; // block-per-row mode: n <= 512 threads * 4 chunks * 8
 
 // ---------------------------------------------------------------- element conversions
 
@@ -103,18 +104,20 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Sum of v over the threads of one row, returned to every thread of the row. Warp mode
-// (blockDim.x == 32): shuffles only. Block mode (blockDim.y == 1): the warps' sums go through
-// `scratch` (32 floats of shared memory) and every thread adds them in the same order.
+// Sum of v over the threads of one row (threadIdx.y), returned to every thread of the row. Warp
+// mode (blockDim.x == 32): shuffles only. Rows of several warps: the warps' sums go through
+// `scratch` (32 floats of shared memory, blockDim.x * blockDim.y <= 1024) and every thread adds
+// its row's in warp order; every thread of the block must call it (barriers).
 __device__ __forceinline__ float row_sum(float v, float* scratch) {
   v = warp_sum(v);
   if (blockDim.x == 32) return v;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warps_per_row = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* row_scratch = scratch + threadIdx.y * warps_per_row;
   __syncthreads();  // the previous call's readers are done with scratch
-  if (lane == 0) scratch[warp] = v;
+  if (lane == 0) row_scratch[warp] = v;
   __syncthreads();
   float total = 0.0f;
-  for (int w = 0; w < blockDim.x / 32; ++w) total += scratch[w];
+  for (int w = 0; w < warps_per_row; ++w) total += row_scratch[w];
   return total;
 }
 
@@ -204,13 +207,20 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) add_layer_norm_forward_kern
 }
 
 // ---------------------------------------------------------------- backward
-
-// Grid-strides over groups of blockDim.y rows. Each row slot (threadIdx.y) accumulates its rows'
-// dy * xhat and dy per column in shared memory (`slot_sums`, (blockDim.y, 2, n) fp32; only the
-// thread owning a column touches it in the loop), then the block adds its slots in a fixed order
-// and writes one partial row per block: partial_dweight / partial_dbias (gridDim.x, n) fp32.
+//
+// Grid: P = add_layer_norm_backward_programs(rows, n, multiprocessors) = min(ceil(rows / R),
+// 2 x multiprocessors) programs of blockDim = (T, R): T threads per row as in the forward
+// (row_config), R = 512 / T rows side by side ("slots"). Program p takes the row groups p, p + P,
+// p + 2P, ... (group g is rows gR .. gR + R - 1; slot s gets row gR + s), computes dx row by row,
+// and each thread adds its columns' dy * xhat and dy over its rows in registers, in row order (a
+// thread owns the same columns in every row). At the end the program adds its R slots per column
+// in slot order (through shared memory) and writes one partial row: partials (2, P, n) fp32,
+// dweight's rows then dbias's. add_layer_norm_sum_partials_kernel then adds the P rows of each
+// column in the fixed order of add_layer_norm_schedule.h (lanes of every 16th row, then a binary
+// tree) and writes dweight / dbias in the parameters' dtype. No atomics: the same inputs and P
+// give the same bits.
 template <typename T, int K>
-__global__ void __launch_bounds__(kMaxThreadsPerRow) add_layer_norm_backward_kernel(
+__global__ void __launch_bounds__(kBackwardThreads) add_layer_norm_backward_kernel(
     const T* __restrict__ dy, int64_t dy_row_stride,             // (rows, n)
     const void* __restrict__ dh, int64_t dh_row_stride,          // (rows, n) h_dtype, or nullptr
     const void* __restrict__ h, DType h_dtype, int64_t h_row_stride,  // (rows, n)
@@ -218,122 +228,137 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) add_layer_norm_backward_ker
     const float* __restrict__ mean,    // (rows,)
     const float* __restrict__ rstd,    // (rows,)
     void* __restrict__ dx,             // (rows, n) h_dtype, contiguous
-    float* __restrict__ partial_dweight,  // (gridDim.x, n)
-    float* __restrict__ partial_dbias,    // (gridDim.x, n)
-    int64_t rows, int64_t n, bool is_rms_norm, bool vec, bool want_sums) {
+    float* __restrict__ partials,      // (2, gridDim.x, n), or nullptr when no sums are wanted
+    int64_t rows, int64_t n, bool is_rms_norm, bool vec) {
   __shared__ float scratch[32];
-  extern __shared__ float slot_sums[];  // (blockDim.y, 2, n) when want_sums
-  float* dweight_sum = slot_sums + int64_t(threadIdx.y) * 2 * n;
-  float* dbias_sum = dweight_sum + n;
-  if (want_sums) {
+  float dweight_sum[K][kChunk], dbias_sum[K][kChunk];  // this thread's columns, over its rows
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int64_t col = chunk_column(k);
-      for (int i = 0; i < chunk_valid(col, n); ++i) dweight_sum[col + i] = dbias_sum[col + i] = 0.0f;
-    }
-  }
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) dweight_sum[k][i] = dbias_sum[k][i] = 0.0f;
 
+  // The loop bounds depend on blockIdx only: every thread runs every iteration (row_sum's barriers).
   for (int64_t group = blockIdx.x; group * blockDim.y < rows; group += gridDim.x) {
     const int64_t row = group * blockDim.y + threadIdx.y;
-    if (row >= rows) continue;  // whole warp (warp mode); never in block mode (blockDim.y == 1)
-    const float row_mean = is_rms_norm ? 0.0f : mean[row];
-    const float row_rstd = rstd[row];
+    const int64_t row_n = row < rows ? n : 0;  // a slot past the last row touches no column
+    const float row_mean = is_rms_norm || row_n == 0 ? 0.0f : mean[row];
+    const float row_rstd = row_n == 0 ? 0.0f : rstd[row];
 
-    // pass 1: xhat in registers; row sums of g = dy * weight and of g * xhat
-    float xhat[K][kChunk];
+    // pass 1: row sums of g = dy * weight and of g * xhat, xhat = (h - mean) * rstd. Two chunks'
+    // loads at a time: all K = 4 at once would not fit in 128 registers beside the column sums.
     float sum_g = 0.0f, sum_g_xhat = 0.0f;
-#pragma unroll
+#pragma unroll 2
     for (int k = 0; k < K; ++k) {
       const int64_t col = chunk_column(k);
-      const int valid = chunk_valid(col, n);
-      float g[kChunk], w[kChunk];
-      if (valid > 0) {
-        load_chunk_any(h, h_dtype, row * h_row_stride + col, valid, vec, xhat[k]);
-        load_chunk(dy + row * dy_row_stride + col, valid, vec, g);
-        if (weight != nullptr) load_chunk(weight + col, valid, vec, w);
-      }
+      const int valid = chunk_valid(col, row_n);
+      if (valid == 0) continue;
+      float hv[kChunk], g[kChunk], w[kChunk];
+      load_chunk_any(h, h_dtype, row * h_row_stride + col, valid, vec, hv);
+      load_chunk(dy + row * dy_row_stride + col, valid, vec, g);
+      if (weight != nullptr) load_chunk(weight + col, valid, vec, w);
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) {
-        const bool inside = i < valid;  // g, w and xhat are unset (or zero) outside the row
-        xhat[k][i] = inside ? (xhat[k][i] - row_mean) * row_rstd : 0.0f;
-        const float gi = !inside ? 0.0f : (weight != nullptr ? g[i] * w[i] : g[i]);
+      for (int i = 0; i < kChunk; ++i) {  // zero past the row end
+        const float gi = weight != nullptr ? g[i] * w[i] : g[i];
         sum_g += gi;
-        sum_g_xhat += gi * xhat[k][i];
+        sum_g_xhat += i < valid ? gi * ((hv[i] - row_mean) * row_rstd) : 0.0f;
       }
     }
     const float mean_g = is_rms_norm ? 0.0f : row_sum(sum_g, scratch) / float(n);
     const float mean_g_xhat = row_sum(sum_g_xhat, scratch) / float(n);
 
-    // pass 2: dx, and this row's share of dweight / dbias. dy is read again (a cache hit: the
-    // row was just read) rather than kept, which keeps K = 4 within 128 registers.
+    // pass 2: dx, and this row's dy * xhat and dy. h and dy are read again (cache hits: the row
+    // was just read) rather than kept, which leaves the registers to the column sums.
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int64_t col = chunk_column(k);
-      const int valid = chunk_valid(col, n);
+      const int valid = chunk_valid(col, row_n);
       if (valid == 0) continue;
-      float dyv[kChunk], w[kChunk], dhv[kChunk];
+      float hv[kChunk], dyv[kChunk], w[kChunk], dhv[kChunk];
+      load_chunk_any(h, h_dtype, row * h_row_stride + col, valid, vec, hv);
       load_chunk(dy + row * dy_row_stride + col, valid, vec, dyv);
       if (weight != nullptr) load_chunk(weight + col, valid, vec, w);
       if (dh != nullptr) load_chunk_any(dh, h_dtype, row * dh_row_stride + col, valid, vec, dhv);
       float out[kChunk];
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) {
+        const float xhat = i < valid ? (hv[i] - row_mean) * row_rstd : 0.0f;
         const float g = weight != nullptr ? dyv[i] * w[i] : dyv[i];
-        out[i] = (g - mean_g - xhat[k][i] * mean_g_xhat) * row_rstd + (dh != nullptr ? dhv[i] : 0.0f);
+        out[i] = (g - mean_g - xhat * mean_g_xhat) * row_rstd + (dh != nullptr ? dhv[i] : 0.0f);
+        dweight_sum[k][i] += dyv[i] * xhat;
+        dbias_sum[k][i] += dyv[i];  // zero past the row end
       }
       store_chunk_any(dx, h_dtype, row * n + col, valid, vec, out);
-      if (want_sums) {
-#pragma unroll
-        for (int i = 0; i < kChunk; ++i) {  // constant indices keep dyv / xhat in registers
-          if (i < valid) {
-            dweight_sum[col + i] += dyv[i] * xhat[k][i];
-            dbias_sum[col + i] += dyv[i];
-          }
-        }
-      }
     }
   }
+  if (partials == nullptr) return;
 
-  if (!want_sums) return;
-  __syncthreads();  // every slot's sums are complete
+  // Add the R slots per column in slot order, one chunk index k at a time: slot s's sums for the
+  // columns kT*8 .. (k+1)T*8 - 1 go to stage[q][s][.], then each thread adds whole columns.
+  __shared__ __align__(16) float stage[2][kBackwardThreads * kChunk];
+  const int slot_columns = blockDim.x * kChunk;
   const int threads = blockDim.x * blockDim.y;
-  for (int64_t col = threadIdx.y * blockDim.x + threadIdx.x; col < n; col += threads) {
-    float dw = 0.0f, db = 0.0f;
-    for (int slot = 0; slot < blockDim.y; ++slot) {
-      dw += slot_sums[int64_t(slot) * 2 * n + col];
-      db += slot_sums[int64_t(slot) * 2 * n + n + col];
+  float* partial_dweight = partials + int64_t(blockIdx.x) * n;
+  float* partial_dbias = partials + (int64_t(gridDim.x) + blockIdx.x) * n;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    __syncthreads();  // the previous round's readers are done with stage
+    float4* dweight_stage = reinterpret_cast<float4*>(stage[0] + threadIdx.y * slot_columns + threadIdx.x * kChunk);
+    float4* dbias_stage = reinterpret_cast<float4*>(stage[1] + threadIdx.y * slot_columns + threadIdx.x * kChunk);
+#pragma unroll
+    for (int v = 0; v < kChunk / 4; ++v) {
+      dweight_stage[v] = make_float4(dweight_sum[k][4 * v], dweight_sum[k][4 * v + 1], dweight_sum[k][4 * v + 2],
+                                     dweight_sum[k][4 * v + 3]);
+      dbias_stage[v] = make_float4(dbias_sum[k][4 * v], dbias_sum[k][4 * v + 1], dbias_sum[k][4 * v + 2],
+                                   dbias_sum[k][4 * v + 3]);
     }
-    partial_dweight[int64_t(blockIdx.x) * n + col] = dw;
-    partial_dbias[int64_t(blockIdx.x) * n + col] = db;
+    __syncthreads();
+    for (int c = threadIdx.y * blockDim.x + threadIdx.x; c < slot_columns; c += threads) {
+      const int64_t col = int64_t(k) * slot_columns + c;
+      if (col >= n) break;
+      float dw = 0.0f, db = 0.0f;
+      for (int slot = 0; slot < blockDim.y; ++slot) {
+        dw += stage[0][slot * slot_columns + c];
+        db += stage[1][slot * slot_columns + c];
+      }
+      partial_dweight[col] = dw;
+      partial_dbias[col] = db;
+    }
   }
 }
 
-// out[col] = sum over blocks of partial[block, col], in block order (deterministic).
-__global__ void sum_partials_kernel(const float* __restrict__ partial,  // (blocks, n)
-                                    float* __restrict__ out,            // (n,)
-                                    int64_t blocks, int64_t n) {
-  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= n) return;
-  float total = 0.0f;
-  for (int64_t b = 0; b < blocks; ++b) total += partial[b * n + col];
-  out[col] = total;
+// Writes v as element i of a tensor whose dtype is known only at run time.
+__device__ __forceinline__ void store_any(void* base, DType dtype, int64_t i, float v) {
+  switch (dtype) {
+    case DType::kFloat32: static_cast<float*>(base)[i] = v; break;
+    case DType::kFloat16: static_cast<__half*>(base)[i] = __float2half_rn(v); break;
+    default: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v); break;
+  }
+}
+
+// Grid (ceil(n / 32), 2), blockDim = (32, 16): program (x, q) adds the P partial rows of columns
+// 32x .. 32x + 31 of dweight (q = 0) or dbias (q = 1) in the order of add_layer_norm_schedule.h:
+// lane y (threadIdx.y) adds rows y, y + 16, ... in row order, then a binary tree over the 16 lane
+// sums (8, 4, 2, 1 pairs). fp32 sums, stored in the output's dtype.
+__global__ void __launch_bounds__(kSumColumns * kSumLanes) add_layer_norm_sum_partials_kernel(
+    const float* __restrict__ partials,  // (2, programs, n)
+    int64_t programs, int64_t n,
+    void* __restrict__ dweight, DType dweight_dtype,  // (n,), or nullptr
+    void* __restrict__ dbias, DType dbias_dtype) {    // (n,), or nullptr
+  __shared__ float lane_sums[kSumLanes][kSumColumns];
+  void* out = blockIdx.y == 0 ? dweight : dbias;
+  if (out == nullptr) return;  // the whole block
+  const int64_t col = int64_t(blockIdx.x) * kSumColumns + threadIdx.x;
+  const float* partial = partials + int64_t(blockIdx.y) * programs * n;
+  lane_sums[threadIdx.y][threadIdx.x] = col < n ? lane_sum(partial, programs, n, col, threadIdx.y) : 0.0f;
+  for (int width = kSumLanes / 2; width > 0; width /= 2) {
+    __syncthreads();
+    tree_step(&lane_sums[0][threadIdx.x], kSumColumns, threadIdx.y, width);
+  }
+  // lane 0 wrote lane_sums[0] last itself
+  if (threadIdx.y == 0 && col < n) store_any(out, blockIdx.y == 0 ? dweight_dtype : dbias_dtype, col, lane_sums[0][threadIdx.x]);
 }
 
 // ---------------------------------------------------------------- launch configuration
-
-struct RowConfig {
-  int threads_per_row;  // blockDim.x
-  int rows_per_block;   // blockDim.y
-  int chunks;           // K: chunks of 8 per thread
-};
-
-RowConfig row_config(int64_t n) {
-  if (n <= 32 * kChunk * 1) return {32, kWarpRowsPerBlock, 1};
-  if (n <= 32 * kChunk * 2) return {32, kWarpRowsPerBlock, 2};
-  if (n <= 32 * kChunk * 4) return {32, kWarpRowsPerBlock, 4};
-  const int64_t threads = (n + 4 * kChunk - 1) / (4 * kChunk);
-  return {int((threads + 31) / 32 * 32), 1, 4};
-}
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -376,7 +401,7 @@ struct ForwardLaunch {
   }
 };
 
-// Every argument of one backward launch (the per-block partial sums; not their reduction).
+// Every argument of one backward launch (the per-program partial sums; not their reduction).
 struct BackwardLaunch {
   const void* dy;
   int64_t dy_row_stride;
@@ -387,26 +412,19 @@ struct BackwardLaunch {
   int64_t h_row_stride;
   const float *weight, *mean, *rstd;
   void* dx;
-  float *partial_dweight, *partial_dbias;
+  float* partials;
   int64_t rows, n;
-  bool is_rms_norm, vec, want_sums;
+  bool is_rms_norm, vec;
   RowConfig config;
-  int64_t blocks;
+  int64_t programs;
   cudaStream_t stream;
 
   template <typename T, int K>
   cudaError_t run() const {
-    const dim3 block(config.threads_per_row, config.rows_per_block);
-    const size_t smem = want_sums ? size_t(config.rows_per_block) * 2 * n * sizeof(float) : 0;
-    auto kernel = add_layer_norm_backward_kernel<T, K>;
-    if (smem > 48 * 1024) {  // above the default limit a kernel must opt in
-      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      if (err != cudaSuccess) return err;
-    }
-    kernel<<<unsigned(blocks), block, smem, stream>>>(static_cast<const T*>(dy), dy_row_stride, dh, dh_row_stride,
-                                                      h, h_dtype, h_row_stride, weight, mean, rstd, dx,
-                                                      partial_dweight, partial_dbias, rows, n, is_rms_norm, vec,
-                                                      want_sums);
+    const dim3 block(config.threads_per_row, backward_rows_per_program(n));
+    add_layer_norm_backward_kernel<T, K><<<unsigned(programs), block, 0, stream>>>(
+        static_cast<const T*>(dy), dy_row_stride, dh, dh_row_stride, h, h_dtype, h_row_stride, weight, mean, rstd,
+        dx, partials, rows, n, is_rms_norm, vec);
     return cudaGetLastError();
   }
 };
@@ -449,43 +467,33 @@ cudaError_t add_layer_norm_forward(const void* x, DType x_dtype, int64_t x_row_s
   return dispatch(x_dtype, config.chunks, launch);
 }
 
-int64_t add_layer_norm_backward_blocks(int64_t rows, int64_t n) {
-  const RowConfig config = row_config(n);
-  const int64_t groups = (rows + config.rows_per_block - 1) / config.rows_per_block;
-  // about 1024 threads per multiprocessor: enough loads in flight, and few partial rows to add up
-  const int threads = config.threads_per_row * config.rows_per_block;
-  const int64_t resident = int64_t(multiprocessor_count()) * (threads < 1024 ? 1024 / threads : 1);
-  return groups < resident ? (groups > 0 ? groups : 1) : resident;
-}
-
 cudaError_t add_layer_norm_backward(const void* dy, DType dy_dtype, int64_t dy_row_stride, const void* dh,
                                     int64_t dh_row_stride, const void* h, DType h_dtype, int64_t h_row_stride,
                                     const float* weight, const float* mean, const float* rstd, void* dx,
-                                    float* dweight, float* dbias, float* workspace, int64_t rows, int64_t n,
-                                    bool is_rms_norm, cudaStream_t stream) {
-  if (n < 1 || n > kAddLayerNormMaxHidden || rows < 0) return cudaErrorInvalidValue;
+                                    void* dweight, DType dweight_dtype, void* dbias, DType dbias_dtype,
+                                    float* workspace, int64_t programs, int64_t rows, int64_t n, bool is_rms_norm,
+                                    cudaStream_t stream) {
+  if (n < 1 || n > kAddLayerNormMaxHidden || rows < 0 || programs < 1 || programs > INT32_MAX)
+    return cudaErrorInvalidValue;
   if (h_dtype != dy_dtype && h_dtype != DType::kFloat32) return cudaErrorInvalidValue;
   const bool want_sums = dweight != nullptr || dbias != nullptr;
   if (want_sums && workspace == nullptr) return cudaErrorInvalidValue;
   const RowConfig config = row_config(n);
-  const int64_t blocks = add_layer_norm_backward_blocks(rows, n);
-  float* partial_dweight = workspace;
-  float* partial_dbias = want_sums ? workspace + blocks * n : nullptr;
+  float* partials = want_sums ? workspace : nullptr;
   if (rows > 0) {
     const bool vec = can_vectorize(n, {dy, dh, h, weight, dx}, {dy_row_stride, dh_row_stride, h_row_stride});
     const BackwardLaunch launch{dy, dy_row_stride, dh, dh_row_stride, h, h_dtype, h_row_stride, weight, mean, rstd,
-                                dx, partial_dweight, partial_dbias, rows, n, is_rms_norm, vec, want_sums, config,
-                                blocks, stream};
+                                dx, partials, rows, n, is_rms_norm, vec, config, programs, stream};
     cudaError_t err = dispatch(dy_dtype, config.chunks, launch);
     if (err != cudaSuccess) return err;
   } else if (want_sums) {  // no rows: the sums are zero
-    cudaError_t err = cudaMemsetAsync(workspace, 0, sizeof(float) * 2 * blocks * n, stream);
+    cudaError_t err = cudaMemsetAsync(workspace, 0, sizeof(float) * 2 * programs * n, stream);
     if (err != cudaSuccess) return err;
   }
-  const int threads = 256;
-  const unsigned column_blocks = unsigned((n + threads - 1) / threads);
-  if (dweight != nullptr) sum_partials_kernel<<<column_blocks, threads, 0, stream>>>(partial_dweight, dweight, blocks, n);
-  if (dbias != nullptr) sum_partials_kernel<<<column_blocks, threads, 0, stream>>>(partial_dbias, dbias, blocks, n);
+  if (!want_sums) return cudaSuccess;
+  const dim3 grid(unsigned((n + kSumColumns - 1) / kSumColumns), 2);
+  add_layer_norm_sum_partials_kernel<<<grid, dim3(kSumColumns, kSumLanes), 0, stream>>>(
+      partials, programs, n, dweight, dweight_dtype, dbias, dbias_dtype);
   return cudaGetLastError();
 }
 

@@ -190,23 +190,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_op(
   if (bias.has_value()) parameter_as_float(bias, h, n, "bias");  // checks only: the backward never reads bias
 
   at::Tensor dx = alloc_output(h.sizes(), h.options());
-  const auto fp32 = h.options().dtype(at::kFloat);
-  at::Tensor dweight32 = weight.has_value() ? at::empty({n}, fp32) : at::Tensor();
-  at::Tensor dbias32 = bias.has_value() ? at::empty({n}, fp32) : at::Tensor();
+  // absent parameters get an empty (0,) tensor; present ones are written in their own dtype
+  at::Tensor dweight = weight.has_value() ? alloc_output({n}, h.options().dtype(weight->scalar_type()))
+                                          : at::empty({0}, h.options());
+  at::Tensor dbias = bias.has_value() ? alloc_output({n}, h.options().dtype(bias->scalar_type()))
+                                      : at::empty({0}, h.options());
+  const int64_t programs = add_layer_norm_backward_programs(rows, n, multiprocessor_count());
   at::Tensor workspace;
-  if (weight.has_value() || bias.has_value())
-    workspace = at::empty({2 * add_layer_norm_backward_blocks(rows, n) * n}, fp32);
+  if (weight.has_value() || bias.has_value()) workspace = at::empty({2 * programs * n}, h.options().dtype(at::kFloat));
   const cudaError_t err = add_layer_norm_backward(
       dy_rows.const_data_ptr(), dtype_of(dy_rows, op, "grad_y"), dy_rows.stride(0),
       dh.defined() ? dh.const_data_ptr() : nullptr, dh.defined() ? dh.stride(0) : 0, h_rows.const_data_ptr(), h_dtype,
       h_rows.stride(0), float_ptr_or_null(weight32), mean32.const_data_ptr<float>(), rstd32.const_data_ptr<float>(),
-      dx.data_ptr(), dweight32.defined() ? dweight32.data_ptr<float>() : nullptr,
-      dbias32.defined() ? dbias32.data_ptr<float>() : nullptr,
-      workspace.defined() ? workspace.data_ptr<float>() : nullptr, rows, n, is_rms_norm, current_stream(h.device()));
+      dx.data_ptr(), weight.has_value() ? dweight.data_ptr() : nullptr, dtype_of(dweight, op, "weight"),
+      bias.has_value() ? dbias.data_ptr() : nullptr, dtype_of(dbias, op, "bias"),
+      workspace.defined() ? workspace.data_ptr<float>() : nullptr, programs, rows, n, is_rms_norm,
+      current_stream(h.device()));
   check_launch(err, op);
-  // fp32 sums, returned in the parameter's dtype; absent parameters get an empty (0,) tensor
-  at::Tensor dweight = weight.has_value() ? dweight32.to(weight->scalar_type()) : at::empty({0}, h.options());
-  at::Tensor dbias = bias.has_value() ? dbias32.to(bias->scalar_type()) : at::empty({0}, h.options());
   return {dx, dweight, dbias};
 }
 

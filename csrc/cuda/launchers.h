@@ -11,12 +11,15 @@
 
 #include <cuda_runtime_api.h>
 
+#include "add_layer_norm_schedule.h"
 #include "limits.h"
 
 namespace fastgpt {
 namespace cuda {
 
-// Multiprocessors of the current device: sizes grids (never affects results).
+// Multiprocessors of the current device: sizes grids. Results do not depend on it, except the
+// rounding of the add+LayerNorm backward's dweight / dbias (its partial rows; the same device
+// gives the same bits).
 inline int multiprocessor_count() {
   int device = 0, count = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -42,13 +45,12 @@ cudaError_t add_layer_norm_forward(
     float* rstd,          // (rows,) fp32
     int64_t rows, int64_t n, float eps, bool is_rms_norm, cudaStream_t stream);
 
-// How many blocks the backward launches for this problem on the current device: the binding
-// allocates the fp32 workspace of 2 * blocks * n floats (per-block dweight and dbias partials).
-int64_t add_layer_norm_backward_blocks(int64_t rows, int64_t n);
-
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dh, g = dy * weight, xhat = (h - mean) * rstd
-// (RMS: no mean(g) term). dweight = sum_rows dy * xhat, dbias = sum_rows dy, deterministic: each
-// block writes its partial sums to the workspace, then one kernel adds them up in a fixed order.
+// (RMS: no mean(g) term). dweight = sum_rows dy * xhat, dbias = sum_rows dy, deterministic and
+// without atomics: `programs` programs (add_layer_norm_backward_programs(rows, n,
+// multiprocessor_count()) sizes the grid; any count >= 1 gives correct sums) each write one fp32
+// partial row to the workspace, then a second kernel adds the rows of each column in a fixed order
+// (add_layer_norm_schedule.h) and stores dweight / dbias in their own dtype.
 cudaError_t add_layer_norm_backward(
     const void* dy, DType dy_dtype, int64_t dy_row_stride,  // (rows, n)
     const void* dh, int64_t dh_row_stride,                  // (rows, n) h_dtype, or nullptr
@@ -57,10 +59,10 @@ cudaError_t add_layer_norm_backward(
     const float* mean,    // (rows,) fp32 contiguous (ignored in RMS mode)
     const float* rstd,    // (rows,) fp32 contiguous
     void* dx,             // (rows, n) h_dtype, contiguous
-    float* dweight,       // (n,) fp32, or nullptr when not wanted
-    float* dbias,         // (n,) fp32, or nullptr when not wanted
-    float* workspace,     // (2, add_layer_norm_backward_blocks(rows, n), n) fp32
-    int64_t rows, int64_t n, bool is_rms_norm, cudaStream_t stream);
+    void* dweight, DType dweight_dtype,  // (n,), or nullptr when not wanted
+    void* dbias, DType dbias_dtype,      // (n,), or nullptr when not wanted
+    float* workspace,     // (2, programs, n) fp32 when dweight or dbias is wanted, else nullptr
+    int64_t programs, int64_t rows, int64_t n, bool is_rms_norm, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------ attention
 // q (batch, heads, seq_q, head_dim); k, v (batch, kv_heads, seq_k, head_dim), any strides;
