@@ -311,3 +311,119 @@ def test_gemma2_soft_cap_and_window_match_eager(side, attention_calls, varlen_at
     uncapped, _ = gemma2(attn_logit_softcapping=None)
     uncapped.load_state_dict(fast.state_dict())
     assert relative_error(uncapped(ids, attention_mask=mask).logits[real], expected[real]) > 1e-2  # the cap matters
+
+
+# ----------------------------------------------------------------------------- the mask reader, call by call
+
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
+
+
+def gqa_module():
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = HEADS // KV_HEADS, True
+    return module
+
+
+def structured_mask(starts, ends, diagonal, seq_q, seq_k, window_left=None):
+    """(batch, 1, seq_q, seq_k) bool: sequence b holds keys [starts[b], ends[b]); query q sees key k
+    when k <= q + diagonal (and k >= q + diagonal - window_left)."""
+    k = torch.arange(seq_k)
+    offsets = k - torch.arange(seq_q)[:, None]
+    sees = offsets <= diagonal
+    if window_left is not None:
+        sees &= offsets >= diagonal - window_left
+    spans = (k >= torch.tensor(starts)[:, None]) & (k < torch.tensor(ends)[:, None])
+    return (sees[None] & spans[:, None, :])[:, None]
+
+
+def both_answers(mask, seq_q, seq_k, sliding_window=None, dtype=torch.float32):
+    """fastgpt's attention_forward and transformers' SDPA on the same random tensors and ``mask``."""
+    batch = mask.shape[0]
+    q = torch.randn(batch, seq_q, HEADS, HEAD_DIM, dtype=dtype).transpose(1, 2)  # as transformers lays it out
+    k, v = (torch.randn(batch, KV_HEADS, seq_k, HEAD_DIM, dtype=dtype) for _ in range(2))
+    extra = {"sliding_window": sliding_window} if sliding_window else {}
+    sdpa = transformers.AttentionInterface._global_mapping["sdpa"]
+    return (
+        fastgpt._huggingface.attention_forward(gqa_module(), q, k, v, mask, scaling=0.3, **extra)[0],
+        sdpa(gqa_module(), q, k, v, mask, scaling=0.3)[0],
+    )
+
+
+# (starts, ends, diagonal, seq_q, seq_k, window_left): what transformers' masks hold
+STRUCTURED = {
+    "left padded prefill": ([0, 3, 9], [12, 12, 12], 0, 12, 12, None),
+    "right padded prefill": ([0, 0, 0], [12, 5, 1], 0, 12, 12, None),
+    "both sides": ([2, 0, 4], [10, 12, 7], 0, 12, 12, None),
+    "decode step": ([0, 7, 2, 30], [31, 31, 31, 31], 30, 1, 31, None),
+    "chunk after a cache": ([0, 4], [20, 20], 16, 4, 20, None),
+    "static cache prefill (top-left)": ([0, 2], [6, 6], 0, 6, 16, None),
+    "static cache decode": ([0, 3], [9, 9], 8, 1, 16, None),
+    "window, left padded": ([0, 5, 2], [14, 14, 14], 0, 14, 14, 3),
+    "window, decode": ([0, 6], [12, 12], 11, 1, 12, 4),
+    "empty sequence": ([0, 0], [9, 0], 0, 9, 9, None),
+}
+
+
+@pytest.mark.parametrize("case", STRUCTURED)
+def test_causal_padding_masks_run_on_fastgpt_and_match_sdpa(case, attention_calls, varlen_attention_calls, sdpa_fallbacks):
+    starts, ends, diagonal, seq_q, seq_k, window_left = STRUCTURED[case]
+    mask = structured_mask(starts, ends, diagonal, seq_q, seq_k, window_left)
+    sliding_window = None if window_left is None else window_left + 1
+    out, expected = both_answers(mask, seq_q, seq_k, sliding_window)
+    assert relative_error(out, expected) < 1e-5 and torch.equal(out == 0, expected == 0)  # zero rows alike
+    assert sdpa_fallbacks == [] and len(attention_calls) + len(varlen_attention_calls) >= 1
+
+
+@pytest.mark.parametrize("case", ["left padded prefill", "right padded prefill", "decode step"])
+def test_additive_float_masks_read_as_boolean(case, varlen_attention_calls, sdpa_fallbacks):
+    starts, ends, diagonal, seq_q, seq_k, _ = STRUCTURED[case]
+    allowed = structured_mask(starts, ends, diagonal, seq_q, seq_k)
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    out, expected = both_answers(mask, seq_q, seq_k)
+    assert torch.equal(out, expected) if sdpa_fallbacks else relative_error(out, expected) < 1e-5
+    # a float mask's fully masked rows (left padding) are not zeros in SDPA: that call stays there
+    assert len(sdpa_fallbacks) == (1 if case == "left padded prefill" else 0)
+    assert len(varlen_attention_calls) == (0 if case == "left padded prefill" else 1 if case == "decode step" else 2)
+
+
+def packed_sequences_mask():
+    block = torch.tensor([0] * 5 + [1] * 7)  # two sequences packed in one row: block-diagonal causal
+    return (structured_mask([0], [12], 0, 12, 12) & (block[:, None] == block[None, :]))
+
+
+OTHER_MASKS = {
+    "packed sequences": lambda: packed_sequences_mask(),
+    "random": lambda: torch.rand(2, 1, 12, 12) > 0.5,
+    "a hole in the padding": lambda: structured_mask([0, 0], [12, 12], 0, 12, 12).index_fill(3, torch.tensor([4]), False),
+    "bidirectional window": lambda: structured_mask([0], [12], 2, 12, 12, window_left=4),
+    "per-head mask": lambda: structured_mask([0, 3], [12, 12], 0, 12, 12).expand(2, HEADS, 12, 12),
+    "a window the kwargs do not name": lambda: structured_mask([0, 3], [12, 12], 0, 12, 12, window_left=3),
+}
+
+
+@pytest.mark.parametrize("case", OTHER_MASKS)
+def test_other_masks_go_to_sdpa(case, attention_calls, varlen_attention_calls, sdpa_fallbacks):
+    mask = OTHER_MASKS[case]()
+    out, expected = both_answers(mask, 12, 12)
+    assert torch.equal(out, expected)
+    assert len(sdpa_fallbacks) == 1 and attention_calls == varlen_attention_calls == []
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_any_mask_near_causal_padding_gets_sdpa_s_answer(seed):
+    # random spans and diagonals, sometimes with one entry flipped: fastgpt either proves the mask
+    # is causal + padding and runs it, or hands it to SDPA; the answer is SDPA's either way
+    gen = torch.Generator().manual_seed(seed)
+    batch, seq_q = 3, int(torch.randint(1, 10, (), generator=gen))
+    seq_k = seq_q + int(torch.randint(0, 6, (), generator=gen))
+    starts = torch.randint(0, seq_k, (batch,), generator=gen)
+    ends = torch.minimum(starts + torch.randint(0, seq_k + 1, (batch,), generator=gen), torch.tensor(seq_k))
+    diagonal = int(torch.randint(-2, seq_k, (), generator=gen))
+    window_left = int(torch.randint(0, seq_k, (), generator=gen)) if seed % 3 == 0 else None
+    mask = structured_mask(starts.tolist(), ends.tolist(), diagonal, seq_q, seq_k, window_left)
+    if seed % 2:
+        flat = mask.reshape(-1)
+        i = int(torch.randint(0, flat.numel(), (), generator=gen))
+        flat[i] = not flat[i]
+    out, expected = both_answers(mask, seq_q, seq_k, None if window_left is None else window_left + 1)
+    assert relative_error(out, expected) < 1e-5 or torch.equal(out, expected)
