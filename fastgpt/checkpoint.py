@@ -1,11 +1,17 @@
-"""Checkpoints: one safetensors file holding the weights, the optimizer state, the random states and,
-as metadata, the model config and training progress. No pickle anywhere.
+"""Checkpoints, of two kinds. A single process or DistributedDataParallel writes one safetensors file
+(``ckpt.safetensors``) holding the weights, the optimizer state, the random states and, as metadata,
+the model config and training progress. No pickle anywhere. FSDP writes a *sharded* checkpoint, a
+folder (``ckpt.dcp``) in which ``torch.distributed.checkpoint`` puts each rank's shards, plus a
+manifest (``fastgpt.json``: config, progress, random states, a SHA-256 of every file). Both kinds
+load in any number of processes, with or without FSDP, and in ``fastgpt sample``.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed
 over the old one: a crash mid-write leaves the last good checkpoint in place (and a temporary file
 that ``remove_interrupted_saves`` deletes). The metadata holds a SHA-256 of every tensor, checked on
 loading, so a damaged file is named instead of loaded; weights or optimizer state that are not
-finite are never written.
+finite are never written. A sharded checkpoint is written the same way: every rank writes into a
+temporary sibling folder, and once all have written, rank 0 adds the manifest, flushes, and renames
+the folder into place; a folder without the manifest is never loaded.
 """
 
 import glob
@@ -13,6 +19,8 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
+import warnings
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +32,10 @@ FORMAT = "fastgpt-checkpoint-1"
 CHECKPOINT_NAME = "ckpt.safetensors"
 TEMP_PATTERN = ".ckpt-*.tmp"  # what save_checkpoint writes before the rename
 CHECKSUMS = "tensor_sha256"  # metadata key: {tensor name: hex digest}; absent in older checkpoints
+SHARDED_FORMAT = "fastgpt-sharded-checkpoint-1"
+SHARDED_NAME = "ckpt.dcp"  # a folder: torch.distributed.checkpoint's files and the MANIFEST
+MANIFEST = "fastgpt.json"  # written last, into the temporary folder: a folder without it is not a checkpoint
+PREVIOUS = ".ckpt.dcp.previous"  # where the old sharded checkpoint waits while the new one is renamed in
 
 
 class CheckpointError(RuntimeError):
@@ -31,8 +43,33 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_path(path):
-    """A checkpoint file, given the file itself or the folder that holds it."""
-    return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+    """A checkpoint, given the checkpoint itself (a file or a sharded folder) or the folder that holds it.
+
+    A folder holding both kinds (a save of one kind removes the other, unless killed in between) gives
+    the one written last; one holding neither gives the path of a missing ``ckpt.safetensors``.
+    """
+    if not os.path.isdir(path) or is_sharded(path):
+        return path
+    found = [p for p in (os.path.join(path, CHECKPOINT_NAME), _sharded_in(path)) if p is not None and os.path.exists(p)]
+    return max(found, key=os.path.getmtime) if found else os.path.join(path, CHECKPOINT_NAME)
+
+
+def is_sharded(path):
+    """Whether ``path`` is a sharded checkpoint's folder (complete or not)."""
+    return os.path.isdir(path) and (
+        os.path.basename(os.path.normpath(path)) == SHARDED_NAME
+        or any(os.path.exists(os.path.join(path, name)) for name in (MANIFEST, ".metadata"))
+    )
+
+
+def _sharded_in(folder):
+    """The sharded checkpoint in ``folder``: ``ckpt.dcp`` (complete or not: loading says which), or the
+    previous one when a save was killed between moving it aside and renaming the new one in; None."""
+    if os.path.isdir(os.path.join(folder, SHARDED_NAME)):
+        return os.path.join(folder, SHARDED_NAME)
+    if os.path.isfile(os.path.join(folder, PREVIOUS, MANIFEST)):
+        return os.path.join(folder, PREVIOUS)
+    return None
 
 
 def save_checkpoint(path, model, optimizer=None, progress=None, random_states=None):
@@ -68,6 +105,7 @@ def save_checkpoint(path, model, optimizer=None, progress=None, random_states=No
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_folder(folder)  # the rename itself survives a power cut only once the folder is on disk
+        _remove_superseded(path)
     except OSError as exc:
         raise CheckpointError(f"could not write {path} ({exc}); the checkpoint there before, if any, is unchanged") from exc
     finally:
@@ -90,14 +128,37 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
-def remove_interrupted_saves(folder):
-    """Delete the temporary files that saves killed before their rename left in ``folder``; returns them.
+def _remove_superseded(path):
+    """After a save of one kind under its usual name, remove the other kind beside it: it is older."""
+    folder, name = os.path.split(os.path.abspath(path))
+    other = {CHECKPOINT_NAME: SHARDED_NAME, SHARDED_NAME: CHECKPOINT_NAME}.get(name)
+    if other is None:
+        return
+    other = os.path.join(folder, other)
+    if os.path.isdir(other):
+        shutil.rmtree(other)
+    elif os.path.isfile(other):
+        os.unlink(other)
 
-    Only safe while no other process is saving there (``fastgpt train`` holds the folder's run lock).
+
+def remove_interrupted_saves(folder):
+    """Delete what saves killed before their rename left in ``folder`` (temporary files and sharded
+    folders); returns them. A sharded save killed between its two renames left the previous checkpoint
+    aside: it is renamed back. Only safe while no other process is saving there (``fastgpt train``
+    holds the folder's run lock).
     """
     leftovers = sorted(glob.glob(os.path.join(glob.escape(folder), TEMP_PATTERN)))
+    previous, current = os.path.join(folder, PREVIOUS), os.path.join(folder, SHARDED_NAME)
+    if os.path.isdir(previous):
+        if os.path.isdir(current):
+            leftovers.append(previous)
+        else:
+            os.rename(previous, current)
     for leftover in leftovers:
-        os.unlink(leftover)
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover)
+        else:
+            os.unlink(leftover)
     return leftovers
 
 
@@ -123,8 +184,13 @@ def _own_state(model):
 
 
 def load_checkpoint(path):
-    """``{"config", "model_state", "optimizer_state", "progress", "random_states"}`` from a checkpoint."""
+    """``{"config", "model_state", "optimizer_state", "progress", "random_states", "sharded"}`` from a
+    checkpoint. ``sharded`` is None for a file; for a sharded checkpoint it is the folder, and the
+    tensors (``model_state``, ``optimizer_state``: None) are read by ``load_sharded_state`` into the
+    model and optimizer they are meant for."""
     path = checkpoint_path(path)
+    if os.path.isdir(path):
+        return _load_manifest(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
@@ -142,9 +208,7 @@ def load_checkpoint(path):
         param_groups = json.loads(metadata["optimizer_param_groups"]) if "optimizer_param_groups" in metadata else None
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path} has a damaged config ({exc})") from exc
-    step = progress.get("step", 0) if isinstance(progress, dict) else None
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise CheckpointError(f"{path} has damaged progress (expected a dict with a step >= 0, got {progress!r})")
+    _check_progress(path, progress)
     if param_groups is not None and not (isinstance(param_groups, list) and all(isinstance(g, dict) for g in param_groups)):
         raise CheckpointError(f"{path} has damaged optimizer_param_groups (expected a list of dicts)")
 
@@ -171,7 +235,14 @@ def load_checkpoint(path):
         "optimizer_state": None if param_groups is None else {"state": optimizer_state, "param_groups": param_groups},
         "progress": progress,
         "random_states": random_states,
+        "sharded": None,
     }
+
+
+def _check_progress(path, progress):
+    step = progress.get("step", 0) if isinstance(progress, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path} has damaged progress (expected a dict with a step >= 0, got {progress!r})")
 
 
 def _verify_checksums(path, metadata, tensors):
@@ -193,10 +264,14 @@ def _verify_checksums(path, metadata, tensors):
 
 
 def load_model(path, device="cpu", backend="auto"):
-    """A GPT rebuilt from a checkpoint (in eval mode, running on ``backend``), and the loaded checkpoint dict."""
+    """A GPT rebuilt from a checkpoint of either kind (in eval mode, running on ``backend``), and the
+    loaded checkpoint dict. Needs no process group."""
     ckpt = load_checkpoint(path)
     model = GPT(ckpt["config"], backend=backend)
-    restore_model(model, ckpt["model_state"], path)
+    if ckpt["sharded"] is not None:
+        load_sharded_state(ckpt, model)
+    else:
+        restore_model(model, ckpt["model_state"], path)
     return model.to(device).eval(), ckpt
 
 
@@ -213,3 +288,161 @@ def restore_model(model, state, path="checkpoint"):
                 details.append(f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}")
         raise CheckpointError(f"{path} does not match the model config ({'; '.join(details)})")
     model.load_state_dict(state, strict=not model.config.tie_weights)
+
+
+# ----------------------------------------------------------------------------- sharded (FSDP) checkpoints
+
+
+def save_sharded_checkpoint(path, model, optimizer, progress, random_states, dist):
+    """Write a sharded checkpoint folder at ``path``: a collective, every rank calls it (``dist``: the
+    ``fastgpt.distributed.Context``). Each rank writes its shards of the weights and optimizer state
+    with ``torch.distributed.checkpoint`` into a temporary sibling folder; when all have written, rank 0
+    adds the manifest, flushes it and renames the folder into place. If any rank fails, all raise
+    ``CheckpointError`` and the checkpoint there before, if any, is unchanged."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    not_finite = _first_non_finite_shard(state)
+    if dist.largest(int(not_finite is not None)):
+        raise CheckpointError(f"refusing to write {path}: {not_finite or 'a shard on another rank'} holds NaN or inf values")
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".ckpt-{dist.from_main(secrets.token_hex(8))}.tmp")  # one name for all ranks
+    error = None
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings("ignore", message=".*in a single process")
+            # returns on every rank once all have written: rank 0 writes the index (.metadata) last
+            dcp.save(state, checkpoint_id=tmp)
+    except (OSError, dcp.CheckpointException) as exc:
+        error = exc
+    if error is None and dist.is_main:
+        manifest = {
+            "format": SHARDED_FORMAT,
+            "config": model.config.to_dict(),
+            "progress": progress,
+            "random_states": {name: t.contiguous().numpy().tobytes().hex() for name, t in random_states.items()},
+        }
+        try:
+            _publish(tmp, os.path.abspath(path), manifest)
+        except OSError as exc:
+            error = exc
+    if dist.largest(int(error is not None)):  # also the barrier: no rank goes on before the rename
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = _first_line(error) if error is not None else "another rank could not write its shards"
+        raise CheckpointError(f"could not write {path} ({reason}); the checkpoint there before, if any, is unchanged")
+
+
+def _publish(tmp, path, manifest):
+    """Rank 0, once every rank has written into ``tmp``: checksum the files, write the manifest, flush,
+    and rename ``tmp`` to ``path``. The old checkpoint is moved aside first (a folder cannot be renamed
+    over a full one) and deleted last; ``remove_interrupted_saves`` renames it back if a kill falls
+    between the two renames, and ``checkpoint_path`` finds it there."""
+    manifest["files"] = {name: _file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_folder(tmp)
+    folder = os.path.dirname(path)
+    previous = os.path.join(folder, PREVIOUS)
+    if os.path.exists(path):
+        if os.path.exists(previous):  # left by a save killed after its second rename: older than path
+            shutil.rmtree(previous)
+        os.rename(path, previous)
+    os.rename(tmp, path)
+    _fsync_folder(folder)
+    shutil.rmtree(previous, ignore_errors=True)
+    _remove_superseded(path)
+
+
+def _load_manifest(path):
+    """The checkpoint dict of a sharded folder: its manifest read and every file's checksum checked."""
+    manifest_file = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_file):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}: the save that wrote it did not finish)")
+    try:
+        with open(manifest_file) as f:
+            manifest = json.load(f)
+        if manifest.get("format") != SHARDED_FORMAT:
+            raise CheckpointError(f"{path} is not a fastgpt sharded checkpoint (format {manifest.get('format')!r})")
+        config = GPTConfig.from_dict(manifest["config"])
+        progress, files = manifest["progress"], dict(manifest["files"])
+        random_states = {
+            name: torch.frombuffer(bytearray.fromhex(text), dtype=torch.uint8) if text else torch.zeros(0, dtype=torch.uint8)
+            for name, text in manifest["random_states"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path} has a damaged {MANIFEST} ({_first_line(exc)})") from exc
+    _check_progress(path, progress)
+    present = set(os.listdir(path)) - {MANIFEST}
+    if present != set(files):
+        missing, extra = sorted(set(files) - present), sorted(present - set(files))
+        raise CheckpointError(f"{path} is damaged: files missing {missing}, files not in its manifest {extra}")
+    damaged = sorted(name for name in files if _file_sha256(os.path.join(path, name)) != files[name])
+    if damaged:
+        raise CheckpointError(f"{path} is damaged: {', '.join(damaged)} no longer match the checksums written with them")
+    return {"config": config, "model_state": None, "optimizer_state": None, "progress": progress,
+            "random_states": random_states, "sharded": path}
+
+
+def load_sharded_state(ckpt, model, optimizer=None):
+    """Read a sharded checkpoint's weights (and optimizer state) into ``model`` (and ``optimizer``),
+    whatever the number of ranks that wrote it and whether ``model`` is sharded with FSDP or not: each
+    process reads the parts it holds. A collective when a process group is set up; without one, a
+    single process reads everything."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    path = ckpt["sharded"]
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # the optimizer's state, initialized
+        state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*in a single process")
+            dcp.load(state, checkpoint_id=path)
+    except (dcp.CheckpointException, OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path} does not fit the model ({_first_line(exc)})") from exc
+    not_finite = _first_non_finite_shard(state)
+    if not_finite is not None:
+        raise CheckpointError(f"{path} holds NaN or inf values in {not_finite}")
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _first_non_finite_shard(state, prefix=""):
+    """The name of the first floating-point tensor of a nested state dict whose part on this rank holds NaN or inf."""
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            if local.is_floating_point() and not torch.isfinite(local).all():
+                return name
+        else:
+            found = _first_non_finite_shard(value, name + ".")
+            if found is not None:
+                return found
+    return None
+
+
+def _first_line(exc):
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

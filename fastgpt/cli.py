@@ -6,8 +6,9 @@ status 2, never a traceback; what can be checked before training starts is check
 starts. ``train`` holds a lock on its ``--out`` folder; SIGINT (Ctrl-C) or SIGTERM stops it after
 the step under way and saves (exit status 130 or 143), a training step whose loss or gradients are
 not finite stops it with exit status 2 (``--skip-nonfinite`` skips such steps). See docs/reliability.md.
-Under ``torchrun`` every process is one rank of a DistributedDataParallel run (docs/distributed.md):
-rank 0 prints, holds the lock and writes the checkpoint, and every message names its rank.
+Under ``torchrun`` every process is one rank of a DistributedDataParallel run, or with ``--fsdp`` of
+an FSDP2 run (docs/distributed.md): rank 0 prints and holds the lock, rank 0 (DDP) or every rank
+(FSDP, a sharded checkpoint) writes the checkpoint, and every message names its rank.
 """
 
 import argparse
@@ -20,12 +21,20 @@ import sys
 
 import torch
 
-from fastgpt.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, load_model, remove_interrupted_saves
+from fastgpt.checkpoint import (
+    CHECKPOINT_NAME,
+    SHARDED_NAME,
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    load_model,
+    remove_interrupted_saves,
+)
 from fastgpt.data import ByteDataset, DataError, decode, encode, read_text_file, stdlib_corpus
 from fastgpt import dispatch, distributed, registry
 from fastgpt.run_lock import FolderInUse, RunLock
 from fastgpt.distributed import DistributedError
-from fastgpt.train import PRESETS, Interrupted, Trainer, TrainConfig, TrainingDiverged, build_config
+from fastgpt.train import DTYPES, PRESETS, Interrupted, Trainer, TrainConfig, TrainingDiverged, build_config
 
 # model flags: (flag, GPTConfig field, type, help)
 MODEL_FLAGS = [
@@ -156,6 +165,12 @@ def add_train_arguments(p):
     p.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others at a collective before the job "
                         f"fails (default: {distributed.DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2) "
+                        f"instead of copying them (DDP); the checkpoint is then a sharded folder, {SHARDED_NAME}")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                   help="bf16: mixed precision (matmuls and attention in bf16 under autocast; weights, "
+                        "optimizer state and loss in fp32). Default fp32")
 
 
 def _model_overrides(args):
@@ -191,6 +206,11 @@ def run_train(args):
     _check_environment()
     device = _check_device(args.device or default_device())
     rank, world_size, _ = distributed.environment()
+    if args.fsdp and not distributed.launched():
+        raise UsageError("--fsdp shards the model over the ranks of a torchrun job: start fastgpt train with "
+                         "torchrun (--nproc_per_node 1 works too)")
+    if args.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--dtype bf16: {torch.cuda.get_device_name(device)} does not compute in bf16")
     parts = args.grad_accum * world_size
     if args.batch_size % parts:
         raise UsageError(
@@ -199,10 +219,10 @@ def run_train(args):
         )
     say = print if rank == 0 else _silent  # rank 0 speaks for the job
     text = read_text_file(args.data) if args.data else stdlib_corpus()
-    ckpt_file = os.path.join(args.out, "ckpt.safetensors")
-    if args.resume and not os.path.isfile(ckpt_file):
+    ckpt_file = os.path.join(args.out, SHARDED_NAME if args.fsdp else CHECKPOINT_NAME)  # what this run writes
+    if args.resume and not os.path.exists(checkpoint_path(args.out) if os.path.isdir(args.out) else ckpt_file):
         where = " (every rank reads it: --out must be a folder all machines see)" if world_size > 1 else ""
-        raise CheckpointError(f"no checkpoint at {ckpt_file}{where}")
+        raise CheckpointError(f"no checkpoint at {os.path.join(args.out, CHECKPOINT_NAME)} or {SHARDED_NAME}{where}")
     lock = _lock_out(args.out) if rank == 0 else None  # the one rank that writes there
     context = distributed.SINGLE
     try:
@@ -212,7 +232,7 @@ def run_train(args):
                 say(f"removed {len(removed)} temporary file(s) left by an interrupted save in {args.out}")
         if distributed.launched():
             context, device = distributed.init(device, args.dist_timeout)
-        trainer = _trainer(args, device, text, ckpt_file, context, say)
+        trainer = _trainer(args, device, text, context, say)
         try:
             trainer.run(ckpt_file, progress=not args.no_progress)
         except Interrupted as exc:
@@ -231,7 +251,8 @@ def run_train(args):
     try:
         print(f"checkpoint: {ckpt_file}")
         if args.sample_tokens:
-            model = trainer.model.eval()
+            # a sharded model's weights are spread over the ranks, which are gone: read them back whole
+            model = load_model(ckpt_file, device, args.backend)[0] if args.fsdp else trainer.model.eval()
             out = model.generate(encode("def ").long()[None].to(device), args.sample_tokens, temperature=0.8, top_k=40)
             print("sample:\n" + decode(out[0]))
     except KeyboardInterrupt:
@@ -240,11 +261,12 @@ def run_train(args):
     return 0
 
 
-def _trainer(args, device, text, ckpt_file, context, say):
-    """The Trainer for these flags: a new model, or the one resumed from ``ckpt_file``."""
+def _trainer(args, device, text, context, say):
+    """The Trainer for these flags: a new model, or the one resumed from the checkpoint in ``--out``, of
+    either kind (looked up after rank 0 has tidied ``--out`` and all ranks have met in ``init``)."""
     checkpoint = None
     if args.resume:
-        checkpoint = load_checkpoint(ckpt_file)
+        checkpoint = load_checkpoint(checkpoint_path(args.out))
         config = _resumed_config(args, checkpoint["config"])
     else:
         try:
@@ -261,6 +283,8 @@ def _trainer(args, device, text, ckpt_file, context, say):
         eval_interval=args.eval_interval,
         seed=args.seed,
         skip_nonfinite=args.skip_nonfinite,
+        fsdp=args.fsdp,
+        dtype=args.dtype,
     )
     dataset = ByteDataset(text, config.context_length)
     source = args.data or "the Python standard library's sources"
@@ -269,10 +293,12 @@ def _trainer(args, device, text, ckpt_file, context, say):
     say(
         f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {config.n_layers} layers, d_model "
         f"{config.d_model}, {config.norm_position}-norm, backend {args.backend} on {device}"
+        + (", bf16 autocast (fp32 weights)" if args.dtype == "bf16" else "")
     )
     if context.distributed or cfg.grad_accum > 1:
         micro = cfg.batch_size // (cfg.grad_accum * context.world_size)
-        ranks = f"{context.world_size} rank(s) ({'nccl' if device.type == 'cuda' else 'gloo'}), " if context.distributed else ""
+        engine = f"{'nccl' if device.type == 'cuda' else 'gloo'}{', FSDP' if cfg.fsdp else ''}"
+        ranks = f"{context.world_size} rank(s) ({engine}), " if context.distributed else ""
         say(f"batch: {cfg.batch_size} sequences per step = {ranks}{cfg.grad_accum} micro-batch(es) of {micro} per rank")
     if args.resume:
         written_by = checkpoint["progress"].get("world_size", 1)
@@ -288,7 +314,8 @@ def _trainer(args, device, text, ckpt_file, context, say):
 
 
 def add_sample_arguments(p):
-    p.add_argument("--ckpt", default="out", help="checkpoint file, or the folder holding ckpt.safetensors")
+    p.add_argument("--ckpt", default="out",
+                   help=f"a checkpoint ({CHECKPOINT_NAME}, or a sharded {SHARDED_NAME} folder), or the folder holding it")
     p.add_argument("--prompt", default="def ")
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")

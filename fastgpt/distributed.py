@@ -6,7 +6,8 @@ joins the ranks into a process group (``gloo`` on the CPU, ``nccl`` on CUDA) who
 time out, so a rank that stops answering ends the job instead of hanging it. ``Context`` is what
 the trainer needs to know: which rank this is, how many there are, how to average a number over
 them, and which rows of a global batch are this rank's. A plain ``fastgpt train`` gets
-``SINGLE``, under which every collective is a no-op. See docs/distributed.md.
+``SINGLE``, under which every collective is a no-op. ``shard`` wraps a model in FSDP2 instead of
+DistributedDataParallel (``--fsdp``). See docs/distributed.md.
 """
 
 import datetime
@@ -91,8 +92,32 @@ class Context:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def from_main(self, value):
+        """Rank 0's ``value`` (a picklable object) on every rank."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
 
 SINGLE = Context()
+
+
+def shard(model, context):
+    """Shard ``model`` (a ``fastgpt.nn.GPT``) over all ranks with FSDP2, in place: each decoder block is
+    one unit (its parameters are gathered just before it runs and freed after), the rest (embeddings,
+    final norm, output layer) the root's unit. Parameters, gradients and the optimizer state built on
+    them afterwards are DTensors, each rank holding 1/world_size of every one. No mixed-precision
+    policy: bf16 training uses autocast, so FSDP gathers and reduces fp32, as DDP does."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(context.device.type, (context.world_size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def init(device, timeout_s=DEFAULT_TIMEOUT_S):

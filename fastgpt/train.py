@@ -1,5 +1,6 @@
 """Training: AdamW with warm-up and cosine decay, held-out evaluation, atomic checkpoints, resume;
-in one process or, under torchrun, on several with DistributedDataParallel (``fastgpt.distributed``).
+in one process or, under torchrun, on several with DistributedDataParallel or, with ``fsdp``, FSDP2
+(``fastgpt.distributed``); in fp32 or in bf16 mixed precision (``dtype``: autocast, fp32 weights).
 
 A step reads one global batch of ``batch_size`` sequences, in ``grad_accum`` micro-batches each
 shared out among the ranks, so the same seed gives the same batches and the same schedule whatever
@@ -23,8 +24,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from fastgpt.checkpoint import CheckpointError, restore_model, save_checkpoint
-from fastgpt.distributed import SINGLE
+from fastgpt.checkpoint import CheckpointError, load_sharded_state, restore_model, save_checkpoint, save_sharded_checkpoint
+from fastgpt.distributed import SINGLE, shard
 from fastgpt.nn import GPT, GPTConfig
 
 # model sizes by name; "small" is the default: trains in a few minutes on 2 CPU cores
@@ -49,6 +50,11 @@ class TrainConfig:
     eval_batches: int = 8
     seed: int = 1337
     skip_nonfinite: bool = False  # skip (and count) steps with a NaN/inf loss or gradient instead of stopping
+    fsdp: bool = False  # distributed: shard weights, gradients and optimizer state with FSDP2 instead of DDP
+    dtype: str = "fp32"  # "bf16": matmuls under autocast; weights, optimizer state and the loss stay fp32
+
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # --dtype: what autocast computes in (None: no autocast)
 
 
 class TrainingDiverged(RuntimeError):
@@ -118,8 +124,22 @@ def learning_rate(step, cfg):
     return cfg.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_learning_rate)
 
 
+def autocast(cfg, device):
+    """The mixed-precision context of ``cfg.dtype`` on ``device`` (a no-op for fp32). Autocast runs the
+    matmuls (linear layers) in bf16 and hands fastgpt's attention bf16 q, k, v; add+LayerNorm gets a
+    bf16 sublayer output and an fp32 or bf16 residual and keeps its statistics in fp32; the weights
+    stay fp32 (autocast casts a copy per use), and the loss is taken on fp32 logits."""
+    dtype = DTYPES[cfg.dtype]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 def check_batch_size(cfg, world_size):
-    """Raise ValueError unless a global batch splits into ``grad_accum`` micro-batches of equal parts per rank."""
+    """Raise ValueError unless a global batch splits into ``grad_accum`` micro-batches of equal parts per rank
+    (and the other settings are ones the trainer knows)."""
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {cfg.dtype!r}")
     parts = cfg.grad_accum * world_size
     if cfg.grad_accum < 1:
         raise ValueError(f"grad_accum must be a positive integer, got {cfg.grad_accum}")
@@ -152,7 +172,8 @@ def held_out_loss(model, dataset, cfg, device, dist=SINGLE):
     losses = []
     for _ in range(cfg.eval_batches):
         for x, y in micro_batches(dataset, "held_out", cfg, generator, device, dist):
-            losses.append(model(x, y)[1].item())
+            with autocast(cfg, device):
+                losses.append(model(x, y)[1].item())
     model.train(was_training)
     return dist.average(torch.tensor(sum(losses) / len(losses), dtype=torch.float64)).item()
 
@@ -162,30 +183,58 @@ class Trainer:
 
     def __init__(self, model_config, cfg, dataset, device, checkpoint=None, backend="auto", dist=SINGLE):
         """``dist``: this process's place in a distributed run (``fastgpt.distributed.init``); the
-        model is then wrapped in DistributedDataParallel for the training steps."""
+        model is then wrapped in DistributedDataParallel for the training steps, or sharded with FSDP2
+        (``cfg.fsdp``). ``checkpoint`` (``load_checkpoint``'s dict, of either kind) resumes the run."""
         check_batch_size(cfg, dist.world_size)
+        if cfg.fsdp and not dist.distributed:
+            raise ValueError("fsdp shards over the ranks of a process group: start the run with torchrun")
         self.cfg, self.dataset, self.device, self.dist = cfg, dataset, device, dist
         torch.manual_seed(cfg.seed)
         self.model = GPT(model_config, backend=backend).to(device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
-        )
         self.batch_generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.skipped = 0  # steps of this run skipped for a non-finite loss or gradient (skip_nonfinite)
         self.saved_step = None  # the step of the last checkpoint this run wrote or resumed from
         self.history = []  # (step, training loss)
+        self.optimizer = self._new_optimizer()
+        if checkpoint is not None and checkpoint["sharded"] is None:
+            self._restore_file(checkpoint)  # into the whole model, before it is sharded
+        if cfg.fsdp:
+            self._shard()
         if checkpoint is not None:
-            self._restore(checkpoint)
+            if checkpoint["sharded"] is not None:  # each rank reads what it holds, sharded or whole
+                load_sharded_state(checkpoint, self.model, self.optimizer)
+            self._restore_progress(checkpoint)
         if dist.rank > 0:  # dropout: masks of its own on every rank (rank 0 keeps the single-process stream)
             torch.manual_seed(hash((cfg.seed, dist.rank, self.step)) % 2**63)
-        self.train_model = self.model  # what the training steps call: the model, or DDP around it
-        if dist.distributed:
+        self.train_model = self.model  # what the training steps call: the model (also under FSDP), or DDP around it
+        if dist.distributed and not cfg.fsdp:
             # the model's only buffer (the positional encoding) is the same on every rank: no broadcasts
             device_ids = [device] if torch.device(device).type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=device_ids, **_NO_BUFFER_SYNC)
 
-    def _restore(self, ckpt):
+    def _new_optimizer(self):
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=self.cfg.learning_rate, betas=(0.9, 0.95), weight_decay=self.cfg.weight_decay
+        )
+
+    def _shard(self):
+        """FSDP2 over all ranks; the optimizer is rebuilt on the sharded parameters, keeping any state
+        restored from a single-file checkpoint (resharded from its full tensors)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True)
+        restored = get_optimizer_state_dict(self.model, self.optimizer, options=full) if self.optimizer.state else None
+        shard(self.model, self.dist)
+        self.optimizer = self._new_optimizer()
+        if restored is not None:
+            set_optimizer_state_dict(self.model, self.optimizer, restored, options=full)
+
+    def _restore_file(self, ckpt):
         restore_model(self.model, ckpt["model_state"])
         if ckpt["optimizer_state"] is None:
             raise CheckpointError("the checkpoint has no optimizer state to resume from")
@@ -193,6 +242,8 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer_state"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"the checkpoint's optimizer state does not fit the model ({exc})") from exc
+
+    def _restore_progress(self, ckpt):
         self.step = self.saved_step = int(ckpt["progress"].get("step", 0))
         states = ckpt["random_states"]
         if "batches" in states:
@@ -205,23 +256,23 @@ class Trainer:
         return held_out_loss(self.model, self.dataset, self.cfg, self.device, self.dist)
 
     def save(self, path):
-        """Write the checkpoint (rank 0 only: the weights and optimizer state are the same on every rank,
-        and so is the batch generator, so the file resumes on any number of ranks)."""
-        if self.dist.is_main:
-            save_checkpoint(
-                path,
-                self.model,
-                self.optimizer,
-                progress={"step": self.step, "train_config": vars(self.cfg), "world_size": self.dist.world_size},
-                random_states={"batches": self.batch_generator.get_state(), "torch": torch.get_rng_state()},
-            )
+        """Write the checkpoint: under FSDP a sharded folder, every rank writing its shards; otherwise a
+        file from rank 0 alone (the weights and optimizer state are the same on every rank). The batch
+        generator is the same on every rank too, so either kind resumes on any number of ranks."""
+        progress = {"step": self.step, "train_config": vars(self.cfg), "world_size": self.dist.world_size}
+        random_states = {"batches": self.batch_generator.get_state(), "torch": torch.get_rng_state()}
+        if self.cfg.fsdp:
+            save_sharded_checkpoint(path, self.model, self.optimizer, progress, random_states, self.dist)
+        elif self.dist.is_main:
+            save_checkpoint(path, self.model, self.optimizer, progress, random_states)
         self.saved_step = self.step
 
     def train_step(self):
         """One optimizer step; returns the training loss (the global batch's mean).
 
         The gradients of the ``grad_accum`` micro-batches are summed, each micro-batch's loss scaled
-        by ``1 / grad_accum``; under DDP they are averaged over the ranks once, after the last one.
+        by ``1 / grad_accum``; under DDP they are averaged over the ranks once, after the last one, and
+        under FSDP reduce-scattered once, after the last one (each rank keeping its shard).
         A loss or gradient that is not finite raises ``TrainingDiverged`` before the weights change
         (with ``skip_nonfinite``: the step is skipped, counted in ``skipped``, and its loss returned);
         all ranks see the same loss and gradients, so they all take the same decision.
@@ -232,14 +283,16 @@ class Trainer:
         steps, loss = self.cfg.grad_accum, 0.0
         batches = micro_batches(self.dataset, "train", self.cfg, self.batch_generator, self.device, self.dist)
         for i, (x, y) in enumerate(batches):
-            syncing = not self.dist.distributed or i == steps - 1
-            with contextlib.nullcontext() if syncing else self.train_model.no_sync():
-                _, micro_loss = self.train_model(x, y)
+            with self._gradient_sync(i == steps - 1):
+                with autocast(self.cfg, self.device):
+                    _, micro_loss = self.train_model(x, y)
                 (micro_loss / steps if steps > 1 else micro_loss).backward()
             loss = loss + micro_loss.detach().float()
         loss = self.dist.average(loss / steps)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor made of each rank's shards' norms
+            norm = norm.full_tensor()
         loss_value, norm_value = torch.stack([loss, norm.float()]).tolist()  # one device sync
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             if not self.cfg.skip_nonfinite:
@@ -254,6 +307,15 @@ class Trainer:
             self.optimizer.step()
         self.step += 1
         return loss_value
+
+    def _gradient_sync(self, last):
+        """Around one micro-batch: exchange gradients only after the ``last`` one of a step."""
+        if self.cfg.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if not self.dist.distributed or last:
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
 
     def run(self, checkpoint_file=None, progress=True, log=print):
         """Train up to ``max_steps``; evaluates and checkpoints every ``eval_interval`` steps and at the end.
