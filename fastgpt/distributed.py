@@ -12,6 +12,7 @@ DistributedDataParallel (``--fsdp``). See docs/distributed.md.
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,8 @@ def shard(model, context):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # FSDP warns when a unit returns a view, in case the caller changes it in place; GPT never does
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(context.device.type, (context.world_size,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)

@@ -293,6 +293,31 @@ def test_torchrun_trains_with_rank_0_speaking_and_one_process_resumes_and_sample
     assert main(["sample", "--ckpt", out, "--max-new-tokens", "4", "--backend", "reference"]) == 0
 
 
+def test_torchrun_fsdp_bf16_writes_a_sharded_checkpoint_that_samples_and_resumes_in_one_process(tmp_path, corpus,
+                                                                                                   capsys):
+    out = str(tmp_path / "run")
+    code, printed, err, _ = torchrun("-m", "fastgpt", "train", "--data", corpus, "--out", out, "--max-steps", "4",
+                                     "--eval-interval", "2", "--fsdp", "--dtype", "bf16", "--sample-tokens", "5",
+                                     *TINY)
+    assert code == 0, err
+    for line in ("(gloo, FSDP)", "bf16 autocast", "step 2: held-out loss", "checkpoint: ", "sample:"):
+        assert printed.count(line) == 1, printed
+    assert "view tensor" not in err, err
+    assert sorted(os.listdir(out)) == [".fastgpt-run.lock", "ckpt.dcp"]  # no temporary folder left
+    assert load_checkpoint(out)["progress"]["world_size"] == 2
+    assert main(["sample", "--ckpt", out, "--max-new-tokens", "4", "--backend", "reference"]) == 0
+    assert main(["train", "--data", corpus, "--out", out, "--resume", "--max-steps", "6", "--sample-tokens", "0",
+                 "--no-progress", "--backend", "reference"]) == 0
+    assert "resuming from step 4 of 6 (checkpoint written by 2 rank(s))" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == [".fastgpt-run.lock", "ckpt.safetensors"]  # the file replaces the folder
+    assert load_checkpoint(out)["progress"]["step"] == 6
+
+
+def test_fsdp_without_torchrun_is_refused(capsys):
+    assert main(["train", "--fsdp", "--max-steps", "1"]) == 2
+    assert "--fsdp shards the model over the ranks of a torchrun job" in capsys.readouterr().err
+
+
 FAULTY = """
 import os, sys, time
 from fastgpt import train
