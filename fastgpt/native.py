@@ -127,6 +127,15 @@ def _cuda_backward_fallback():
     return "the reference (Triton is unavailable)", reference
 
 
+def attention_with_autograd(q, k, v, causal, scale, **variants):
+    """The output wired into autograd by the extension itself (csrc/autograd.cpp), which costs less per
+    call than fastgpt.ops' Python autograd.Function; None where the extension's own backward does not
+    run (the variants, CUDA without its backward kernel), so that fastgpt.ops wires the backward."""
+    if variants or (q.device.type == "cuda" and not _build_info()["cuda_attention_backward"]):
+        return None
+    return torch.ops.fastgpt.native_attention(q, k, v, causal, scale)
+
+
 def attention_backward(do, q, k, v, o, lse, causal, scale):
     if q.device.type == "cuda" and not _build_info()["cuda_attention_backward"]:
         _, fallback = _cuda_backward_fallback()
@@ -163,6 +172,12 @@ def add_layer_norm_backward(dy, dh, h, weight, bias, mean, rstd, is_rms_norm):
     return dx, dweight if weight is not None else None, dbias if bias is not None else None
 
 
+def add_layer_norm_with_autograd(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32):
+    """``(y, h)`` wired into autograd by the extension itself (csrc/autograd.cpp): fastgpt.ops takes it
+    instead of its Python autograd.Function, which costs more than the kernel on small inputs."""
+    return torch.ops.fastgpt.native_add_layer_norm(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32)
+
+
 # ----------------------------------------------------------------------------- fake tensors
 
 
@@ -173,6 +188,10 @@ def _register_fakes():
     def _(q, k, v, causal, scale):
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
+    @torch.library.register_fake("fastgpt::native_attention")
+    def _(q, k, v, causal, scale):
+        return q.new_empty(q.shape)
+
     @torch.library.register_fake("fastgpt::native_attention_backward")
     def _(grad_out, q, k, v, out, lse, causal, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -182,6 +201,10 @@ def _register_fakes():
         stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
         h = x.new_empty(x.shape, dtype=residual_stream_dtype(x.dtype, residual_in_fp32))
         return x.new_empty(x.shape), h, stats, stats.clone()
+
+    @torch.library.register_fake("fastgpt::native_add_layer_norm")
+    def _(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32):
+        return x.new_empty(x.shape), x.new_empty(x.shape, dtype=residual_stream_dtype(x.dtype, residual_in_fp32))
 
     @torch.library.register_fake("fastgpt::native_add_layer_norm_backward")
     def _(grad_y, grad_h, h, weight, bias, mean, rstd, is_rms_norm):

@@ -139,7 +139,8 @@ def test_a_batch_that_does_not_split_evenly_is_refused():
 
 def fsdp_worker(rank, folder, port):
     """One rank of FSDP2 runs: from scratch (saving a sharded checkpoint at FSDP_SAVED_AT), with 2
-    micro-batches, and resumed from the single process's sharded checkpoint and from its file."""
+    micro-batches, and resumed from the single process's sharded checkpoint and from its file; and a
+    DDP run resumed from the FSDP checkpoint."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -154,6 +155,8 @@ def fsdp_worker(rank, folder, port):
         assert type(next(sharded.model.parameters())).__name__ == "DTensor"
         results["fsdp"] = run(sharded, FSDP_STEPS, FSDP_SAVED_AT, os.path.join(folder, "fsdp", "ckpt.dcp"))
         results["fsdp_grad_accum_2"] = run(trainer(grad_accum=2, dist=context, steps=FSDP_STEPS, fsdp=True), 6)
+        ddp = trainer(checkpoint=load_checkpoint(os.path.join(folder, "fsdp")), dist=context, steps=FSDP_STEPS)
+        results["ddp_from_fsdp"] = run(ddp, FSDP_STEPS)
         if rank == 0:
             with open(os.path.join(folder, "fsdp_results.json"), "w") as f:
                 json.dump(results, f)
@@ -193,6 +196,11 @@ def test_single_process_checkpoints_of_both_kinds_resume_on_two_fsdp_ranks(fsdp_
     _, reference, results = fsdp_ranks
     assert_same_losses(results["from_single_sharded"], reference[FSDP_SAVED_AT:], FSDP_TOLERANCE)
     assert_same_losses(results["from_single_file"], reference[FSDP_SAVED_AT:], FSDP_TOLERANCE)
+
+
+def test_an_fsdp_checkpoint_resumes_under_ddp(fsdp_ranks):
+    _, reference, results = fsdp_ranks
+    assert_same_losses(results["ddp_from_fsdp"], reference[FSDP_SAVED_AT:], FSDP_TOLERANCE)
 
 
 def test_a_two_rank_sharded_checkpoint_resumes_and_samples_in_one_process(fsdp_ranks, capsys):
