@@ -76,8 +76,8 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 def _environment_backend():
-    name = os.environ.get("FASTGPT_BACKEND", "auto") or "auto"
-    if name not in registry.choices():
+    name = os.environ.get("FASTGPT_BACKEND") or "auto"
+    if name != "auto" and name not in registry.choices():
         raise ValueError(f"FASTGPT_BACKEND must be one of {registry.choices()}, got {name!r}")
     return name
 
@@ -93,9 +93,10 @@ def resolve(op, backend, args, training=True, variants=frozenset()):
     """
     if backend == "auto":
         backend = _environment_backend()
+    first = args[0]
     key = (
-        op, backend, training, registry.version(), args[0].device,
-        *[None if t is None else t.dtype for t in args], *auto_rule.decision_key(op, args), variants,
+        op, backend, training, registry.version(), first.device, first.dtype,
+        tuple([None if t is None else t.dtype for t in args[1:]]), auto_rule.decision_key(op, args), variants,
     )
     decision = _decisions.get(key)
     if decision is None:
@@ -181,5 +182,5 @@ def requested_backend(backend):
 
 def check_backend_name(backend, argument="backend"):
     """Raise ``ValueError`` unless ``backend`` is ``"auto"`` or a registered backend's name."""
-    if not isinstance(backend, str) or backend not in registry.choices():
+    if backend != "auto" and (not isinstance(backend, str) or backend not in registry.choices()):
         raise ValueError(f"{argument} must be one of {registry.choices()}, got {backend!r}")

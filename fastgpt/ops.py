@@ -39,6 +39,22 @@ def _check_same(name, t, ref_name, ref):
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
 
 
+def _check_qkv(q, k, v, ndim):
+    """q, k and v are floating-point tensors of ``ndim`` dimensions with one dtype and one device:
+    one combined test on the common path, the named checks only to say what is wrong."""
+    if (
+        isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+        and q.dtype == k.dtype == v.dtype and q.is_floating_point()
+        and q.dim() == ndim and k.dim() == ndim and v.dim() == ndim
+        and q.device == k.device == v.device
+    ):
+        return
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, ndim)
+    _check_same("k", k, "q", q)
+    _check_same("v", v, "q", q)
+
+
 def _needs_grad(*tensors):
     """Whether a backward can follow this call (what ``auto``'s table calls training)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -194,10 +210,7 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, softcap=0.0, bac
     Returns the output, shaped like ``q`` and contiguous.
     """
     backend = dispatch.requested_backend(backend)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, ndim=4)
-    _check_same("k", k, "q", q)
-    _check_same("v", v, "q", q)
+    _check_qkv(q, k, v, 4)
     b, heads, seq_q, d = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -222,7 +235,9 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, softcap=0.0, bac
     impl = dispatch.resolve("attention", backend, (q, k, v), training, frozenset(options))
     if not training:
         return impl.attention_forward(q, k, v, causal, scale, **options)[0]
-    return _AttentionFunction.apply(q, k, v, causal, scale, impl, options)
+    wired = getattr(impl, "attention_with_autograd", None)  # the backend's own autograd: cheaper per call
+    o = None if wired is None else wired(q, k, v, causal, scale, **options)
+    return _AttentionFunction.apply(q, k, v, causal, scale, impl, options) if o is None else o
 
 
 # ----------------------------------------------------------------------------- varlen attention
@@ -390,10 +405,7 @@ def varlen_attention(
     ``(total_q, heads, head_dim)``, contiguous.
     """
     backend = dispatch.requested_backend(backend)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, ndim=3)
-    _check_same("k", k, "q", q)
-    _check_same("v", v, "q", q)
+    _check_qkv(q, k, v, 3)
     _, heads, d = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -594,6 +606,9 @@ def _add_norm(op_name, x, residual, weight, bias, eps, is_rms_norm, residual_in_
     impl = dispatch.resolve("add_layer_norm", backend, (x, residual, weight, bias), training)
     if not training:
         return impl.add_layer_norm_forward(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32)[:2]
+    wired = getattr(impl, "add_layer_norm_with_autograd", None)  # the backend's own autograd: cheaper per call
+    if wired is not None:
+        return wired(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32)
     return _AddLayerNormFunction.apply(x, residual, weight, bias, eps, is_rms_norm, residual_in_fp32, impl)
 
 

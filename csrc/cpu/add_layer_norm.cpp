@@ -47,14 +47,27 @@ at::Tensor as_rows(const at::Tensor& t, int64_t n) {
   return rows;
 }
 
-// A parameter as n contiguous fp32 values (empty when absent).
-std::vector<float> parameter_as_float(const std::optional<at::Tensor>& p) {
-  if (!p.has_value()) return {};
-  at::Tensor contiguous = p->contiguous();
-  std::vector<float> values(contiguous.numel());
-  load_row(contiguous.const_data_ptr(), contiguous.scalar_type(), 1, contiguous.numel(), values.data());
-  return values;
-}
+// A parameter as n contiguous fp32 values: the tensor's own memory when it is fp32 and contiguous
+// (a model's usual weights: no copy per call), else a converted copy; null when absent.
+class FloatParameter {
+ public:
+  explicit FloatParameter(const std::optional<at::Tensor>& p) {
+    if (!p.has_value()) return;
+    if (p->scalar_type() == at::kFloat && p->is_contiguous()) {
+      values_ = p->const_data_ptr<float>();
+      return;
+    }
+    const at::Tensor contiguous = p->contiguous();
+    copy_.resize(contiguous.numel());
+    load_row(contiguous.const_data_ptr(), contiguous.scalar_type(), 1, contiguous.numel(), copy_.data());
+    values_ = copy_.data();
+  }
+  const float* values() const { return values_; }
+
+ private:
+  std::vector<float> copy_;
+  const float* values_ = nullptr;
+};
 
 // h[i] = x[i] + residual[i]; returns sum(h)
 FASTGPT_CPU_DISPATCH float add_and_sum(const float* x, const float* residual, int64_t n, float* h) {
@@ -166,17 +179,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forwar
   auto stats_shape = x.sizes().slice(0, x.dim() - 1);
   at::Tensor mean = alloc_output(stats_shape, x.options().dtype(at::kFloat));
   at::Tensor rstd = alloc_output(stats_shape, x.options().dtype(at::kFloat));
-  const std::vector<float> w = parameter_as_float(weight);
-  const std::vector<float> b = parameter_as_float(bias);
+  const FloatParameter w(weight), b(bias);
+  const float* w_values = w.values();
+  const float* b_values = b.values();
   float* mean_out = mean.data_ptr<float>();
   float* rstd_out = rstd.data_ptr<float>();
+  // fp32 rows are read and computed in place; scratch rows take the fp16/bf16 conversions
+  const int64_t scratch_n = x_dtype == at::kFloat && residual_dtype == at::kFloat && h_dtype == at::kFloat ? 0 : n;
 
   const int64_t grain = std::max<int64_t>(1, 16384 / n);  // rows per task: enough work to amortize a task
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    // fp32 rows are read and computed in place; the scratch rows take the fp16/bf16 conversions
-    std::vector<float> x_scratch(n), h_scratch(n), scratch(n);
-    const float* w_values = w.empty() ? nullptr : w.data();
-    const float* b_values = b.empty() ? nullptr : b.data();
+    std::vector<float> x_scratch(scratch_n), h_scratch(scratch_n), scratch(scratch_n);
     for (int64_t row = begin; row < end; ++row) {
       // h = x + residual, in fp32, then written once in h's dtype
       const float* x_row = fp32_row(element_ptr(x_rows, row * x_rows.stride(0)), x_dtype, n, x_scratch.data());
@@ -240,7 +253,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward(
   const float* mean_in = mean_values.const_data_ptr<float>();
   const float* rstd_in = rstd_values.const_data_ptr<float>();
   at::Tensor dx = alloc_output(h.sizes(), h.options());
-  const std::vector<float> w = parameter_as_float(weight);
+  const FloatParameter w(weight);
+  const float* w_values = w.values();
+  // fp32 rows are read and computed in place; scratch rows take the fp16/bf16 conversions
+  const bool all_fp32 = h.scalar_type() == at::kFloat && grad_y.scalar_type() == at::kFloat &&
+                        (!grad_h.has_value() || grad_h->scalar_type() == at::kFloat);
+  const int64_t scratch_n = all_fp32 ? 0 : n;
   const bool want_dweight = weight.has_value(), want_dbias = bias.has_value();
 
   // one fp32 partial row per chunk of rows; chunks depend on the shape only, not on the threads
@@ -250,9 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward(
   std::vector<float> dbias_partial(want_dbias ? chunks * n : 0, 0.f);
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    // fp32 rows are read and computed in place; the scratch rows take the fp16/bf16 conversions
-    std::vector<float> h_scratch(n), dy_scratch(n), dh_scratch(n), dx_scratch(n);
-    const float* w_values = w.empty() ? nullptr : w.data();
+    std::vector<float> h_scratch(scratch_n), dy_scratch(scratch_n), dh_scratch(scratch_n), dx_scratch(scratch_n);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       float* dweight_acc = want_dweight ? &dweight_partial[chunk * n] : nullptr;
       float* dbias_acc = want_dbias ? &dbias_partial[chunk * n] : nullptr;
