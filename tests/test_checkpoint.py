@@ -1,13 +1,16 @@
-"""Checkpoints: round trips, atomic writes, clear errors for damaged files."""
+"""Checkpoints: round trips, atomic writes, clear errors for damaged files; the sharded kind (FSDP's,
+written here by one process; tests/test_distributed.py writes it from two ranks)."""
 
 import os
 
 import pytest
 import torch
+import torch.distributed.checkpoint
 from tiny_training import tiny_trainer
 
 from fastgpt import checkpoint as checkpoint_module
-from fastgpt.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from fastgpt.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, save_sharded_checkpoint
+from fastgpt.distributed import SINGLE
 from fastgpt.nn import GPT, GPTConfig
 
 
@@ -90,3 +93,55 @@ def test_a_checkpoint_gets_the_permissions_of_the_umask(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def save_sharded(trainer, path):
+    """What ``Trainer.save`` does under FSDP, here with one process and no process group."""
+    save_sharded_checkpoint(path, trainer.model, trainer.optimizer, {"step": trainer.step},
+                            {"batches": trainer.batch_generator.get_state(), "torch": torch.get_rng_state()}, SINGLE)
+
+
+def test_sharded_checkpoint_round_trip_replacing_the_file_beside_it(tmp_path):
+    trainer = tiny_trainer()
+    trainer.train_step()
+    trainer.save(str(tmp_path / "ckpt.safetensors"))
+    trainer.train_step()
+    save_sharded(trainer, str(tmp_path / "ckpt.dcp"))
+    assert os.listdir(tmp_path) == ["ckpt.dcp"]  # one checkpoint per folder: the newer kind stays
+    model, ckpt = load_model(str(tmp_path), backend="reference")
+    assert ckpt["progress"]["step"] == 2 and ckpt["sharded"] == str(tmp_path / "ckpt.dcp")
+    for name, t in trainer.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], t), name
+    resumed = tiny_trainer(checkpoint=ckpt)
+    assert resumed.step == 2
+    assert torch.equal(resumed.batch_generator.get_state(), trainer.batch_generator.get_state())
+    for before, after in zip(trainer.optimizer.state.values(), resumed.optimizer.state.values()):
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_failed_sharded_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = tiny_trainer()
+    path = str(tmp_path / "ckpt.dcp")
+    save_sharded(trainer, path)
+
+    def crash(state_dict, checkpoint_id):
+        os.makedirs(checkpoint_id)
+        with open(os.path.join(checkpoint_id, "__0_0.distcp"), "wb") as f:
+            f.write(b"half a shard")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch.distributed.checkpoint, "save", crash)
+    trainer.train_step()
+    with pytest.raises(CheckpointError, match="disk full.*is unchanged"):
+        save_sharded(trainer, path)
+    assert os.listdir(tmp_path) == ["ckpt.dcp"]  # no temporary folder left behind
+    assert load_checkpoint(path)["progress"]["step"] == 0
+
+
+def test_non_finite_weights_are_never_written_sharded(tmp_path):
+    trainer = tiny_trainer()
+    with torch.no_grad():
+        next(trainer.model.parameters())[0] = float("inf")
+    with pytest.raises(CheckpointError, match="token_embedding.weight holds NaN or inf"):
+        save_sharded(trainer, str(tmp_path / "ckpt.dcp"))
+    assert os.listdir(tmp_path) == []

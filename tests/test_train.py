@@ -6,10 +6,12 @@ import signal
 
 import pytest
 import torch
-from tiny_training import tiny_trainer
+from tiny_training import TEXT, tiny_trainer
 
 from fastgpt.checkpoint import load_checkpoint
-from fastgpt.train import Interrupted, TrainingDiverged
+from fastgpt.data import ByteDataset
+from fastgpt.nn import GPTConfig
+from fastgpt.train import Interrupted, Trainer, TrainConfig, TrainingDiverged
 
 
 def test_resume_gives_the_same_next_step_loss(tmp_path):
@@ -99,3 +101,11 @@ def test_skip_nonfinite_skips_and_counts_the_steps(tmp_path):
     path = str(tmp_path / "ckpt.safetensors")
     trainer.run(path, progress=False, log=lambda *_: None)
     assert trainer.skipped == 1 and load_checkpoint(path)["progress"]["step"] == 4
+
+
+@pytest.mark.parametrize("option, message", [({"fsdp": True}, "fsdp shards over the ranks of a process group"),
+                                             ({"dtype": "fp16"}, "dtype must be one of \\('fp32', 'bf16'\\)")])
+def test_settings_the_trainer_cannot_use_are_refused(option, message):
+    config = GPTConfig(context_length=16, n_layers=1, n_heads=2, d_model=32)
+    with pytest.raises(ValueError, match=message):
+        Trainer(config, TrainConfig(batch_size=4, **option), ByteDataset(TEXT, 16), "cpu", backend="reference")
