@@ -151,6 +151,7 @@ register_backend(
         _triton_availability,
         auto_devices=("cuda",),
         description="Triton kernels (kernels/): CUDA GPUs, or the CPU through TRITON_INTERPRET=1",
+        variants={"window", "softcap", "varlen"},
     )
 )
 register_backend(

@@ -3,30 +3,37 @@
 The kernels live by pass: ``attention_forward`` (the online-softmax forward),
 ``attention_decode`` (a few queries against a long KV cache, keys split across the GPU), and
 ``attention_backward`` (delta preprocess, dK/dV and dQ kernels); ``attention_configs`` holds the
-tiles the autotuner may pick and ``tiles`` the tile loads and stores both Triton ops share.
+tiles the autotuner may pick and the ``Variant`` the launchers specialize on, and ``tiles`` the
+tile loads and stores both Triton ops share.
 
 The causal mask is aligned bottom-right (query ``i`` sees keys ``j <= i + seq_k - seq_q``); rows
-that see no key output zeros with ``lse = -inf`` and contribute no gradient. Head dims that are
-not a power of two are padded inside the kernels with masked loads. Every tensor is addressed
-through all four of its strides, so any layout works without a copy.
+that see no key output zeros with ``lse = -inf`` and contribute no gradient. The variants of the
+contract (``docs/architecture.md``) are compile-time specializations of the same kernels: a sliding
+window (only the key tiles inside it are visited), a soft cap, and packed sequences (one launch,
+each program reading its sequence's offsets). Head dims that are not a power of two are padded
+inside the kernels with masked loads. Every tensor is addressed through all four of its strides,
+so any layout works without a copy.
 """
 
 import torch
 
 from . import device_unsupported_reason, interpreting
 from .attention_backward import (
-    PREPROCESS_BLOCK_M, attention_backward, attention_backward_dkdv_kernel, attention_backward_dq_kernel, dkdv_args,
-    dq_args, preprocess_launch,
+    PREPROCESS_BLOCK_M, attention_backward_dkdv_kernel, attention_backward_dq_kernel, dkdv_args, dq_args,
+    launch_backward, preprocess_launch,
 )
 from .attention_configs import (
-    ARCH_OF_TARGET, CONFIGS, DECODE_MAX_ROWS, DECODE_TILES, DECODE_WARPS, device_limits, head_dim_padded,
-    shape_constexprs, unsupported_reason,
+    ARCH_OF_TARGET, CONFIGS, DECODE_MAX_ROWS, DECODE_TILES, DECODE_WARPS, SHARED_MEMORY_LIMITS, Variant,
+    device_limits, head_dim_padded, select_blocks, shape_constexprs, unsupported_reason,
 )
 from .attention_decode import DecodePlan, decode_launches, decode_plan
 from .attention_forward import attention_forward_kernel, forward_args, launch_forward
 from .launch import KernelLaunch, aot_spec, on_device, triton_type_name
 
-__all__ = ["attention_backward", "attention_forward", "attention_unsupported", "aot_compile_specs"]
+__all__ = [
+    "attention_backward", "attention_forward", "attention_unsupported", "varlen_attention_backward",
+    "varlen_attention_forward", "aot_compile_specs",
+]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -53,21 +60,76 @@ def attention_unsupported(q, k, v):
     return None
 
 
-def attention_forward(q, k, v, causal, scale):
+def _scores_scale(q, scale):
+    """(q, scale) with the same scores and scale > 0, as the forward kernels need: a negative scale
+    moves its sign into q (q · k · scale = (-q) · k · |scale|); a zero one keeps q · 0 (0, or NaN
+    where an inf or NaN is in q or meets one in k, as q · k · 0 gives) with scale 1."""
+    if scale < 0:
+        return -q, -scale
+    if scale == 0:
+        return q * 0, 1.0
+    return q, scale
+
+
+def attention_forward(q, k, v, causal, scale, *, window=None, softcap=0.0):
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
+    variant = Variant(causal, window, softcap)
     o = torch.empty((batch, heads, seq_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
-    if scale < 0:  # the kernels scale a tile's max, which needs scale >= 0: q · k · scale = (-q) · k · |scale|
-        q, scale = -q, -scale
+    q, scale = _scores_scale(q, scale)
     plan = decode_plan(batch, kv_heads, heads // kv_heads, seq_q, seq_k, head_dim, q)
     with on_device(q):
         if plan is not None:
-            for launch in decode_launches(q, k, v, o, lse, causal, scale, plan):
+            for launch in decode_launches(q, k, v, o, lse, scale, variant, plan):
                 launch.run()
         else:
-            launch_forward(q, k, v, o, lse, causal, scale)
+            launch_forward(q, k, v, o, lse, scale, variant)
     return o, lse
+
+
+def attention_backward(do, q, k, v, o, lse, causal, scale, *, window=None, softcap=0.0):
+    dq, dk, dv = torch.empty_like(q, memory_format=torch.contiguous_format), *(
+        torch.empty_like(t, memory_format=torch.contiguous_format) for t in (k, v))
+    with on_device(q):
+        launch_backward(do, q, k, v, o, lse, dq, dk, dv, scale, Variant(causal, window, softcap))
+    return dq, dk, dv
+
+
+def _heads_major(t):
+    """A packed (total, heads, ...) tensor as the (1, heads, total, ...) view the kernels address."""
+    return t.transpose(0, 1).unsqueeze(0)
+
+
+def varlen_attention_forward(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *, window=None, softcap=0.0
+):
+    """Packed sequences in one launch: a program per (query block of the longest sequence, sequence ·
+    head) reads its sequence's offsets and returns at once when the sequence is shorter."""
+    total_q, heads, head_dim = q.shape
+    variant = Variant(causal, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    o = torch.empty((total_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    q, scale = _scores_scale(q, scale)
+    if total_q and max_seqlen_q:
+        with on_device(q):
+            launch_forward(_heads_major(q), _heads_major(k), _heads_major(v), _heads_major(o), lse.unsqueeze(0),
+                           scale, variant)
+    return o, lse
+
+
+def varlen_attention_backward(
+    do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *, window=None,
+    softcap=0.0,
+):
+    variant = Variant(causal, window, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    if max_seqlen_k == 0 or max_seqlen_q == 0:  # no query sees a key: every gradient is 0
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    with on_device(q):
+        launch_backward(*(_heads_major(t) for t in (do, q, k, v, o)), lse.unsqueeze(0),
+                        *(_heads_major(t) for t in (dq, dk, dv)), scale, variant)
+    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------- ahead-of-time compilation
@@ -91,47 +153,60 @@ def _spec(name, launch, target, key):
     return {**aot_spec(name, launch), "targets": [target], "key": key}
 
 
-def _training_specs(head_dim, dtype, causal, targets):
+def _label(head_dim, dtype, variant):
+    options = [name for name, used in (("window", variant.window is not None), ("softcap", variant.softcap > 0),
+                                       ("varlen", variant.varlen)) if used]
+    return " ".join([f"d={head_dim}", triton_type_name(dtype), "causal" if variant.causal else "full", *options])
+
+
+def _training_specs(head_dim, dtype, variant, targets, only=None):
     """Every configuration of the forward, dK/dV and dQ kernels that the autotuner of each target's
-    generation can pick for these inputs; ``key`` is the configuration's resource-table key."""
-    q, do, o, dq = (_meta(_AOT_BATCH, _AOT_HEADS, _AOT_SEQ, head_dim, dtype=dtype) for _ in range(4))
-    k, v, dk, dv = (_meta(_AOT_BATCH, _AOT_KV_HEADS, _AOT_SEQ, head_dim, dtype=dtype) for _ in range(4))
-    lse, delta = (_meta(_AOT_BATCH, _AOT_HEADS, _AOT_SEQ, dtype=torch.float32) for _ in range(2))
+    generation can pick for these inputs (``only(kernel, arch)``: those of them it returns); ``key``
+    is the configuration's resource-table key. A packed ``variant`` describes _AOT_BATCH sequences
+    of at most _AOT_SEQ tokens."""
+    shapes = {"q": (_AOT_BATCH, _AOT_HEADS, _AOT_SEQ), "k": (_AOT_BATCH, _AOT_KV_HEADS, _AOT_SEQ)}
+    if variant.varlen:  # (1, heads, total, head_dim) views of packed tensors, as the launchers pass them
+        shapes = {name: (1, heads, batch * seq) for name, (batch, heads, seq) in shapes.items()}
+    q, do, o, dq = (_meta(*shapes["q"], head_dim, dtype=dtype) for _ in range(4))
+    k, v, dk, dv = (_meta(*shapes["k"], head_dim, dtype=dtype) for _ in range(4))
+    lse, delta = (_meta(*shapes["q"], dtype=torch.float32) for _ in range(2))
     scale = head_dim ** -0.5
-    label = f"d={head_dim} {triton_type_name(dtype)} {'causal' if causal else 'full'}"
+    label = _label(head_dim, dtype, variant)
     tuned_kernels = (
-        ("forward", attention_forward_kernel, forward_args(q, k, v, o, lse, scale)),
-        ("backward_dkdv", attention_backward_dkdv_kernel, dkdv_args(q, k, v, do, lse, delta, dk, dv, scale)),
-        ("backward_dq", attention_backward_dq_kernel, dq_args(q, k, v, do, lse, delta, dq, scale)),
+        ("forward", attention_forward_kernel, forward_args(q, k, v, o, lse, scale, variant)),
+        ("backward_dkdv", attention_backward_dkdv_kernel, dkdv_args(q, k, v, do, lse, delta, dk, dv, scale, variant)),
+        ("backward_dq", attention_backward_dq_kernel, dq_args(q, k, v, do, lse, delta, dq, scale, variant)),
     )
     specs = []
     for name, kernel, args in tuned_kernels:
         for target in targets:
             arch = _arch_of_target(target)
             for blocks in CONFIGS[name][arch, dtype.itemsize]:
+                if only is not None and blocks not in only(name, arch):
+                    continue
                 block_m, block_n, num_warps, num_stages = blocks
-                constexprs = dict(shape_constexprs(head_dim, dtype, causal), BLOCK_M=block_m, BLOCK_N=block_n)
+                constexprs = dict(shape_constexprs(head_dim, dtype, variant), BLOCK_M=block_m, BLOCK_N=block_n)
                 specs.append(_spec(f"{name} {label} M={block_m} N={block_n} w={num_warps} s={num_stages}",
                                    KernelLaunch(kernel, None, args, constexprs, num_warps, num_stages), target,
                                    [name, arch, dtype.itemsize, head_dim_padded(head_dim), list(blocks)]))
     return specs
 
 
-def _decode_specs(head_dim, dtype, causal, targets, block_m=DECODE_MAX_ROWS, combine=False):
-    """The decode kernel in every key tile of DECODE_TILES, with its keys split (fp32 partials),
-    ``block_m`` rows of a GQA group; with ``combine`` also the merge of the splits."""
+def _decode_specs(head_dim, dtype, variant, targets, block_m=DECODE_MAX_ROWS, combine=False, tiles=None):
+    """The decode kernel in every key tile of DECODE_TILES (or ``tiles``), with its keys split (fp32
+    partials), ``block_m`` rows of a GQA group; with ``combine`` also the merge of the splits."""
     keys, splits = _AOT_DECODE["keys"], _AOT_DECODE["splits"]
     seq_q = max(1, block_m // 16)
     kv_heads = _AOT_HEADS * seq_q // block_m
     q, o = (_meta(_AOT_BATCH, _AOT_HEADS, seq_q, head_dim, dtype=dtype) for _ in range(2))
     k, v = (_meta(_AOT_BATCH, kv_heads, keys, head_dim, dtype=dtype) for _ in range(2))
     lse = _meta(_AOT_BATCH, _AOT_HEADS, seq_q, dtype=torch.float32)
-    label = f"d={head_dim} {triton_type_name(dtype)} {'causal' if causal else 'full'}"
+    label = _label(head_dim, dtype, variant)
     specs = []
     for target in targets:
-        for block_n, num_stages in DECODE_TILES[dtype.itemsize]:
+        for block_n, num_stages in tiles or DECODE_TILES[dtype.itemsize]:
             plan = DecodePlan(block_m, block_n, num_stages, splits, keys // splits)
-            decode, merge = decode_launches(q, k, v, o, lse, causal, head_dim ** -0.5, plan)
+            decode, merge = decode_launches(q, k, v, o, lse, head_dim ** -0.5, variant, plan)
             key = ["decode", _arch_of_target(target), dtype.itemsize, head_dim_padded(head_dim),
                    [block_m, block_n, DECODE_WARPS, num_stages]]
             specs.append(_spec(f"decode {label} M={block_m} N={block_n} s={num_stages}", decode, target, key))
@@ -149,31 +224,56 @@ def resource_table_specs(padded_head_dims=(16, 32, 64, 128, 256), itemsizes=(2, 
     for head_dim in padded_head_dims:
         for itemsize in itemsizes:
             targets = list(ARCH_OF_TARGET)
-            specs += _training_specs(head_dim, dtypes[itemsize], True, targets)
-            specs += _decode_specs(head_dim, dtypes[itemsize], True, targets)
+            specs += _training_specs(head_dim, dtypes[itemsize], CAUSAL, targets)
+            specs += _decode_specs(head_dim, dtypes[itemsize], CAUSAL, targets)
     return specs
 
 
 def ampere_variant_specs():
     """The largest tile of each kernel at head dim 128 (fp16, causal) for sm_86 and sm_89, to show
     they need the shared memory of sm_80's code (the table's "ampere" entries)."""
-    specs = _training_specs(128, torch.float16, True, [86, 89]) + _decode_specs(128, torch.float16, True, [86, 89])
+    specs = _training_specs(128, torch.float16, CAUSAL, [86, 89]) + _decode_specs(128, torch.float16, CAUSAL, [86, 89])
     firsts = {(s["key"][0], s["targets"][0]): s for s in reversed(specs)}  # the first spec of each kernel
     return list(firsts.values())
+
+
+CAUSAL = Variant(causal=True)
+# The attention variants compiled in CI: a causal sliding window with a soft cap (Gemma 2's
+# attention), and packed sequences under a two-sided window and a soft cap; between them every
+# branch the variants add to the kernels.
+_AOT_VARIANTS = (
+    Variant(causal=True, window=(512, 0), softcap=50.0),
+    Variant(causal=False, window=(512, 64), softcap=50.0,
+            cu_seqlens_q=_meta(_AOT_BATCH + 1, dtype=torch.int32), cu_seqlens_k=_meta(_AOT_BATCH + 1, dtype=torch.int32),
+            max_seqlen_q=_AOT_SEQ, max_seqlen_k=_AOT_SEQ),
+)
+
+
+def _selectable(padded_head_dim, itemsize):
+    """``only`` for _training_specs: the configurations each generation's launcher may pick at long
+    sequences (on sm_80's and sm_90's shared memory)."""
+    limits = {arch: SHARED_MEMORY_LIMITS[f"sm_{target}"] for target, arch in ARCH_OF_TARGET.items()}
+    return lambda kernel, arch: select_blocks(kernel, arch, limits[arch], padded_head_dim, itemsize, _AOT_SEQ, _AOT_SEQ)
 
 
 def aot_compile_specs():
     """What tests/test_attention_triton_aot.py compiles for sm_80 and sm_90 in CI: every
     configuration the launchers can pick for head dim 64 in fp16 without a mask and head dim 128
     in bf16 with the causal mask (the performance target), the smallest decode tile and the
-    merge, and the backward preprocess."""
+    merge, and the backward preprocess; and at head dim 128 in bf16 the variants (``_AOT_VARIANTS``)
+    in every configuration the launchers pick at long sequences, the decode kernel in its first tile."""
     specs = []
-    for head_dim, dtype, causal in ((64, torch.float16, False), (128, torch.bfloat16, True)):
+    for head_dim, dtype, variant in ((64, torch.float16, Variant(causal=False)), (128, torch.bfloat16, CAUSAL)):
         o, do = (_meta(_AOT_BATCH, _AOT_HEADS, _AOT_SEQ, head_dim, dtype=dtype) for _ in range(2))
         delta = _meta(_AOT_BATCH, _AOT_HEADS, _AOT_SEQ, dtype=torch.float32)
         for target in ARCH_OF_TARGET:
             specs.append(_spec(f"backward_preprocess d={head_dim} {triton_type_name(dtype)}",
                                preprocess_launch(o, do, delta, PREPROCESS_BLOCK_M), target, None))
-        specs += _training_specs(head_dim, dtype, causal, list(ARCH_OF_TARGET))
-        specs += _decode_specs(head_dim, dtype, causal, list(ARCH_OF_TARGET), block_m=16, combine=True)
+        specs += _training_specs(head_dim, dtype, variant, list(ARCH_OF_TARGET))
+        specs += _decode_specs(head_dim, dtype, variant, list(ARCH_OF_TARGET), block_m=16, combine=True)
+    for variant in _AOT_VARIANTS:
+        specs += _training_specs(128, torch.bfloat16, variant, list(ARCH_OF_TARGET), only=_selectable(128, 2))
+        if not variant.varlen:
+            specs += _decode_specs(128, torch.bfloat16, variant, list(ARCH_OF_TARGET), block_m=16,
+                                   tiles=DECODE_TILES[2][:1])
     return specs

@@ -2,7 +2,9 @@
 pick, which of them fit the device's shared memory (by their compiled size, from the table in
 ``attention_resources``), and the fixed small tile of the interpreter."""
 
+import dataclasses
 import functools
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -209,7 +211,7 @@ def autotuned(jit_kernel, kernel):
     return triton.autotune(
         configs=[_as_config(b) for b in all_blocks(CONFIGS[kernel])],
         # tensor dtypes join the key automatically
-        key=["HEAD_DIM", "CAUSAL", "seq_q_bucket", "seq_k_bucket"],
+        key=["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "VARLEN", "seq_q_bucket", "seq_k_bucket"],
         prune_configs_by={"early_config_prune": _pruner(kernel)},
     )(jit_kernel)
 
@@ -222,7 +224,52 @@ def launch(tuned, kernel, grid, args, constexprs):
         tuned[grid](*args, **constexprs)
 
 
-def shape_constexprs(head_dim, dtype, causal):
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """Which attention the kernels compute, as ``fastgpt.ops`` hands it over: the causal mask, a
+    sliding ``window`` (left, right) already normalized (causal: (left >= 0, 0); else at least one
+    side bounded, -1 for an open side), a ``softcap`` (0: off), and packed sequences (``cu_seqlens_q``
+    and ``cu_seqlens_k`` int32 offsets with the longest lengths; the tensors are then passed as
+    (1, heads, total, head_dim) views whose batch stride the kernels never use)."""
+
+    causal: bool
+    window: Optional[Tuple[int, int]] = None
+    softcap: float = 0.0
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    @property
+    def varlen(self):
+        return self.cu_seqlens_q is not None
+
+    def batch(self, q):
+        """How many sequences (programs per head along the batch axis)."""
+        return self.cu_seqlens_q.shape[0] - 1 if self.varlen else q.shape[0]
+
+    def lengths(self, q, k):
+        """(seq_q, seq_k) the kernels take: the longest sequences when packed."""
+        return (self.max_seqlen_q, self.max_seqlen_k) if self.varlen else (q.shape[2], k.shape[2])
+
+    def strides(self, t):
+        """The strides of a (batch, heads, seq, ...) tensor or packed view; a packed view's batch stride is 0
+        (a program's sequence starts at its offset instead)."""
+        return (0, *t.stride()[1:]) if self.varlen else tuple(t.stride())
+
+    def window_args(self, seq_q, seq_k):
+        """(window_left, window_right) the kernels take: an open side becomes seq_q + seq_k, a bound no
+        key index reaches; (0, 0) without a window (unused)."""
+        if self.window is None:
+            return 0, 0
+        return tuple(side if side >= 0 else seq_q + seq_k for side in self.window)
+
+    def constexprs(self):
+        return dict(CAUSAL=bool(self.causal), WINDOW=self.window is not None, SOFTCAP=self.softcap > 0,
+                    VARLEN=self.varlen)
+
+
+def shape_constexprs(head_dim, dtype, variant):
     """The compile-time constants every attention kernel but the preprocess takes."""
-    return dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded(head_dim), CAUSAL=bool(causal),
+    return dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded(head_dim), **variant.constexprs(),
                 DOT_PRECISION=dot_precision(dtype))

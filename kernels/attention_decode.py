@@ -15,7 +15,7 @@ from .attention_configs import (
     DECODE_MAX_ROWS, DECODE_WARPS, INTERPRETER_BLOCKS, decode_tile, device_limits, head_dim_padded, shape_constexprs,
     strides,
 )
-from .attention_forward import LN2, LOG2E, forward_key_tiles, normalized_rows
+from .attention_forward import LN2, LOG2E, forward_visible_tiles, key_range, normalized_rows, window_edges
 from .launch import KernelLaunch
 
 # At most this many queries, and queries × GQA group size rows (DECODE_MAX_ROWS), go to the decode
@@ -40,8 +40,10 @@ def attention_decode_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,  # of o when FINAL
     heads, kv_heads, group_size, seq_q, seq_k, scale, keys_per_split, rows,  # rows = batch·heads·seq_q
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
+    window_left, window_right, softcap,  # used only under WINDOW / SOFTCAP; window sides >= 0
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FINAL: tl.constexpr,
 ):
     """A few queries against a long key sequence: one program per (key split, batch, kv head).
     Its BLOCK_M rows are every query of every head in the GQA group, so each K/V tile is loaded
@@ -63,30 +65,20 @@ def attention_decode_kernel(
     k_base = k_ptr + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head.to(tl.int64) * stride_vh
 
-    # this split's keys [start_n, end_n): [start_n, full_end) unmasked, the rest masked
-    causal_offset = seq_k - seq_q
-    start_n = split * keys_per_split
-    end_n = tl.minimum(start_n + keys_per_split, seq_k)
-    if CAUSAL:
-        end_n = tl.minimum(end_n, tl.maximum(seq_q + causal_offset, 0))
-        full_end = tl.maximum(causal_offset + 1, 0) // BLOCK_N * BLOCK_N  # keys every query sees
-    else:
-        full_end = seq_k // BLOCK_N * BLOCK_N
-    full_end = tl.minimum(tl.maximum(full_end, start_n), tl.maximum(end_n, start_n))
+    # this split's keys that some query of the tile may see
+    right_edge, left_edge = window_edges(seq_k - seq_q, window_left, window_right, CAUSAL, WINDOW)
+    lo, hi = key_range(0, seq_q - 1, seq_k, right_edge, left_edge, BLOCK_N, CAUSAL, WINDOW)
+    split_start = split * keys_per_split
+    start_n = tl.maximum(split_start, lo)
+    end_n = tl.minimum(split_start + keys_per_split, hi)
 
-    qk_scale = scale * LOG2E
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, row_max, row_sum = forward_key_tiles(
+    acc, row_max, row_sum = forward_visible_tiles(
         acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        query, offs_n, offs_d, seq_k, causal_offset, qk_scale, start_n, full_end,
-        HEAD_DIM, BLOCK_N, CAUSAL, False, PAD_D, DOT_PRECISION,
-    )
-    acc, row_max, row_sum = forward_key_tiles(
-        acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        query, offs_n, offs_d, seq_k, causal_offset, qk_scale, full_end, end_n,
-        HEAD_DIM, BLOCK_N, CAUSAL, True, PAD_D, DOT_PRECISION,
+        query, 0, seq_q - 1, offs_n, offs_d, seq_k, right_edge, left_edge, scale * LOG2E, softcap, start_n, end_n,
+        HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, PAD_D, DOT_PRECISION,
     )
 
     out, lse2 = normalized_rows(acc, row_max, row_sum)
@@ -164,14 +156,18 @@ def decode_plan(batch, kv_heads, group_size, seq_q, seq_k, head_dim, q):
     )
 
 
-def decode_launches(q, k, v, o, lse, causal, scale, plan):
+def decode_launches(q, k, v, o, lse, scale, variant, plan):
     """Flash-decoding: each key split writes its normalized partial output and log-sum-exp, and a
-    second kernel merges them; with a single split the first kernel writes o and lse itself."""
+    second kernel merges them; with a single split the first kernel writes o and lse itself. The
+    ``variant`` may have a window and a soft cap, not packed sequences."""
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     rows = batch * heads * seq_q
     padded = head_dim_padded(head_dim)
     final = plan.splits == 1
+    dense_constexprs = shape_constexprs(head_dim, q.dtype, variant)
+    if dense_constexprs.pop("VARLEN"):
+        raise ValueError("the decode kernel takes (batch, heads, seq, head_dim) tensors, not packed sequences")
     if final:
         out, lse_out = o, lse
     else:
@@ -181,8 +177,9 @@ def decode_launches(q, k, v, o, lse, causal, scale, plan):
         attention_decode_kernel,
         (plan.splits, batch * kv_heads),
         (q, k, v, out, lse_out, *strides(q), *strides(k), *strides(v), *strides(o),
-         heads, kv_heads, heads // kv_heads, seq_q, seq_k, float(scale), plan.keys_per_split, rows),
-        dict(shape_constexprs(head_dim, q.dtype, causal), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, FINAL=final),
+         heads, kv_heads, heads // kv_heads, seq_q, seq_k, float(scale), plan.keys_per_split, rows,
+         *variant.window_args(seq_q, seq_k), float(variant.softcap)),
+        dict(dense_constexprs, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, FINAL=final),
         DECODE_WARPS,
         plan.num_stages,
     )

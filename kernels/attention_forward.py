@@ -1,9 +1,17 @@
 """The Triton attention forward, FlashAttention-2 style: each program owns ``BLOCK_M`` query rows
 of one head and streams the key/value tiles of its kv head past them with an online softmax
-(running max and sum in fp32, ``exp2`` with ``log2(e)`` folded into the scale), so the
-``seq_q × seq_k`` score matrix never exists. With a causal mask only the tiles that cross the
-diagonal pay for masking, and tiles above it are never visited. It saves ``lse``, the natural-log
-log-sum-exp of each query row. The key-tile loop and the epilogue are shared with the decode kernel.
+(running max and sum in fp32, ``exp2`` with ``log2(e)`` and the scale folded into its argument),
+so the ``seq_q × seq_k`` score matrix never exists. It saves ``lse``, the natural-log
+log-sum-exp of each query row.
+
+One loop visits only the key tiles that intersect what the query block may see ([lo, hi) from the
+causal mask and the sliding window, so a window's cost grows with the window, not the sequence);
+a per-tile test applies the mask only to tiles that cross an edge of that range (the diagonal, a
+window's left edge, the end of the keys). Variants are compile-time switches: CAUSAL and WINDOW
+(runtime ``window_left``/``window_right``, the host turning an unbounded side into a bound no key
+reaches), SOFTCAP (``softcap · tanh(score · scale / softcap)`` before the mask), and VARLEN (packed
+sequences: a program reads its sequence's offsets from ``cu_seqlens_q``/``cu_seqlens_k``). The
+key-tile loop and the epilogue are shared with the decode kernel.
 """
 
 import triton
@@ -17,42 +25,156 @@ LN2 = tl.constexpr(0.6931471805599453)  # a log2-domain lse times ln(2) is the n
 
 
 @triton.jit
+def tanh(x):
+    """tanh in fp32 from exp2 (libdevice's tanh does not run in Triton's interpreter): (1 - e)/(1 + e)
+    with e = exp(-2|x|) never overflows, and near 0, where 1 - e cancels, an odd Taylor polynomial
+    (exact to fp32 for |x| < 0.25) takes over."""
+    magnitude = tl.abs(x)
+    e = tl.math.exp2(magnitude * (-2.0 * LOG2E))
+    far = (1.0 - e) / (1.0 + e)
+    far = tl.where(x < 0.0, -far, far)
+    x2 = x * x
+    near = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    return tl.where(magnitude < 0.25, near, far)
+
+
+@triton.jit
+def sequence_span(cu_seqlens_ptr, batch, seq_len, VARLEN: tl.constexpr):
+    """(first row, length) of sequence ``batch``: from the packed offsets when VARLEN, else (0, seq_len)."""
+    start = 0
+    length = seq_len
+    if VARLEN:
+        first = tl.load(cu_seqlens_ptr + batch)
+        length = tl.load(cu_seqlens_ptr + batch + 1) - first
+        start = first.to(tl.int64)
+    return start, length
+
+
+@triton.jit
+def window_edges(off, window_left, window_right, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(right_edge, left_edge): query row i sees keys j with i + left_edge <= j <= i + right_edge
+    (bottom-right aligned: ``off = seq_k - seq_q``); a side the mask leaves open is never tested."""
+    right_edge = off
+    if WINDOW and not CAUSAL:
+        right_edge = off + window_right
+    left_edge = off
+    if WINDOW:
+        left_edge = off - window_left
+    return right_edge, left_edge
+
+
+@triton.jit
+def key_range(first_row, last_row, seq_k, right_edge, left_edge, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              WINDOW: tl.constexpr):
+    """[lo, hi): the keys rows first_row..last_row may see, lo rounded down to a key tile."""
+    hi = seq_k
+    if CAUSAL or WINDOW:
+        hi = tl.minimum(tl.maximum(last_row + right_edge + 1, 0), seq_k)
+    lo = 0
+    if WINDOW:
+        lo = tl.minimum(tl.maximum(first_row + left_edge, 0), seq_k) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def unmasked_tiles(lo, hi, first_row, last_row, seq_k, right_edge, left_edge, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[full_lo, full_hi) within [lo, hi) (lo a multiple of BLOCK_N): the key tiles every row of
+    first_row..last_row sees whole, which need no mask. The tiles before it cross the window's left
+    edge, those after it the diagonal (or the window's right edge) or the end of the keys."""
+    full_lo = lo
+    if WINDOW:  # the first tile whose first key the last row still sees
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last_row + left_edge, 0), BLOCK_N) * BLOCK_N, lo), hi)
+    full_end = seq_k
+    if CAUSAL or WINDOW:  # up to the last key the first row sees
+        full_end = tl.minimum(tl.maximum(first_row + right_edge + 1, 0), seq_k)
+    full_hi = tl.minimum(tl.maximum(full_end // BLOCK_N * BLOCK_N, full_lo), hi)
+    return full_lo, full_hi
+
+
+@triton.jit
+def visible_keys(rows, cols, seq_k, right_edge, left_edge, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """The (rows, cols) mask of keys each row sees."""
+    visible = cols[None, :] < seq_k
+    if CAUSAL or WINDOW:
+        visible = visible & (cols[None, :] <= rows[:, None] + right_edge)
+    if WINDOW:
+        visible = visible & (cols[None, :] >= rows[:, None] + left_edge)
+    return visible
+
+
+@triton.jit
 def forward_key_tiles(
     acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-    rows, offs_n, offs_d, seq_k, causal_offset, qk_scale, start_n, end_n,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-    PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, start_n, end_n,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Online softmax over key tiles [start_n, end_n); MASKED tiles cross the diagonal or the end of
-    the keys. ``qk_scale`` (scale · log2(e)) must be >= 0: the host negates q for a negative scale.
-    ``row_max`` is in the log2 domain and stays -inf until the row has seen a key."""
+    """Online softmax over key tiles [start_n, end_n) (start_n a multiple of BLOCK_N); MASKED tiles
+    cross an edge of the visible range or the end of the keys. ``qk_scale`` (scale · log2(e)) must
+    be > 0: the host negates q for a negative scale and zeroes it for a zero one. ``row_max`` is in
+    the log2 domain and stays -inf until the row has seen a key."""
+    if SOFTCAP:
+        tanh_scale = qk_scale / (LOG2E * softcap)  # score · scale / softcap
+        cap = softcap * LOG2E  # the capped score in the log2 domain: nothing left to scale
+        score_scale = 1.0
+    else:
+        score_scale = qk_scale
     for tile_start in range(start_n, end_n, BLOCK_N):
         cols = tile_start + offs_n
         k = load_tile(tile_pointers(k_base, cols, stride_kn, offs_d, stride_kd), cols, seq_k, offs_d, HEAD_DIM,
                       MASKED, PAD_D)
         v = load_tile(tile_pointers(v_base, cols, stride_vn, offs_d, stride_vd), cols, seq_k, offs_d, HEAD_DIM,
                       MASKED, PAD_D)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled
-        if MASKED:
-            scores = scores * qk_scale  # log2 domain; masked after scaling (-inf · 0 would be NaN)
-            visible = cols[None, :] < seq_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
-            scores = tl.where(visible, scores, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(scores, 1))  # stays -inf while a row has seen no key
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # such a row: exp2 gives 0, not NaN
-            probs = tl.math.exp2(scores - shift[:, None])
-        else:
-            # qk_scale >= 0, so the scaled max is the max times the scale; the scale then folds into
-            # exp2's argument (one FMA per score instead of a multiply and a subtract)
-            new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
-            shift = new_max
-            probs = tl.math.exp2(scores * qk_scale - shift[:, None])
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled (capped: log2 domain)
+        if SOFTCAP:
+            scores = cap * tanh(scores * tanh_scale)
+        if MASKED:  # -inf times a positive scale stays -inf
+            scores = tl.where(visible_keys(rows, cols, seq_k, right_edge, left_edge, CAUSAL, WINDOW), scores,
+                              float("-inf"))
+        # score_scale > 0, so the scaled max is the max times the scale; the scale then folds into
+        # exp2's argument (one FMA per score instead of a multiply and a subtract)
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * score_scale)  # -inf while a row has seen no key
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # such a row: exp2 gives 0, not NaN
+        probs = tl.math.exp2(scores * score_scale - shift[:, None])
         correction = tl.math.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(probs, 1)
         acc = acc * correction[:, None]
         acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         row_max = new_max
+    return acc, row_max, row_sum
+
+
+@triton.jit
+def forward_visible_tiles(
+    acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    rows, first_row, last_row, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, lo, hi,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The key tiles [lo, hi) of rows first_row..last_row: the ones before the unmasked run (a
+    window's left edge), the unmasked run, the ones after it (the diagonal, the end of the keys).
+    Three loops rather than one loop that tests each tile: a branch inside the loop hides the
+    chain of the two dot products from Triton 3.9 (the probabilities then pass through shared
+    memory) or, around the whole step, stops the software pipelining of the K/V loads."""
+    full_lo, full_hi = unmasked_tiles(lo, hi, first_row, last_row, seq_k, right_edge, left_edge, BLOCK_N, CAUSAL,
+                                      WINDOW)
+    if WINDOW:
+        acc, row_max, row_sum = forward_key_tiles(
+            acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, lo, full_lo,
+            HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, True, PAD_D, DOT_PRECISION,
+        )
+    acc, row_max, row_sum = forward_key_tiles(
+        acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, full_lo, full_hi,
+        HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, False, PAD_D, DOT_PRECISION,
+    )
+    acc, row_max, row_sum = forward_key_tiles(
+        acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, full_hi, hi,
+        HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, True, PAD_D, DOT_PRECISION,
+    )
     return acc, row_max, row_sum
 
 
@@ -67,67 +189,66 @@ def normalized_rows(acc, row_max, row_sum):
 
 @triton.jit
 def attention_forward_kernel(
-    q_ptr,  # (batch, heads, seq_q, head_dim), any strides
-    k_ptr,  # (batch, kv_heads, seq_k, head_dim), any strides
-    v_ptr,  # (batch, kv_heads, seq_k, head_dim), any strides
-    o_ptr,  # (batch, heads, seq_q, head_dim) output
-    lse_ptr,  # (batch, heads, seq_q) fp32 output, contiguous
+    q_ptr,  # (batch, heads, seq_q, head_dim), any strides; VARLEN: (heads, total_q, head_dim) view, batch stride 0
+    k_ptr,  # (batch, kv_heads, seq_k, head_dim), any strides; VARLEN: likewise (kv_heads, total_k, head_dim)
+    v_ptr,  # like k
+    o_ptr,  # like q, output
+    lse_ptr,  # fp32 output, (batch, heads, seq_q) or VARLEN (heads, total_q); rows contiguous
+    cu_seqlens_q_ptr,  # VARLEN: int32 (batch + 1,) offsets of the sequences' queries; else None
+    cu_seqlens_k_ptr,  # VARLEN: int32 (batch + 1,) offsets of their keys; else None
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    heads, group_size, seq_q, seq_k, scale,
+    stride_lseb, stride_lseh,
+    heads, group_size, seq_q, seq_k, scale,  # VARLEN: seq_q, seq_k are the longest sequences
+    window_left, window_right, softcap,  # used only under WINDOW / SOFTCAP; window sides >= 0
     seq_q_bucket, seq_k_bucket,  # only the autotuner's key (power-of-two buckets of seq_q, seq_k)
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    num_m_blocks = tl.cdiv(seq_q, BLOCK_M)
     m_block = tl.program_id(0)
     if CAUSAL:
-        m_block = num_m_blocks - 1 - m_block  # the last query blocks see the most keys: launch them first
+        m_block = tl.cdiv(seq_q, BLOCK_M) - 1 - m_block  # the last query blocks see the most keys: launch them first
     batch_head = tl.program_id(1)
-    batch = (batch_head // heads).to(tl.int64)
+    batch = batch_head // heads
     head = batch_head % heads
     kv_head = (head // group_size).to(tl.int64)
     head = head.to(tl.int64)
+    q_start, seq_q = sequence_span(cu_seqlens_q_ptr, batch, seq_q, VARLEN)
+    k_start, seq_k = sequence_span(cu_seqlens_k_ptr, batch, seq_k, VARLEN)
+    if VARLEN:
+        if m_block * BLOCK_M >= seq_q:  # a sequence shorter than the longest
+            return
+    batch = batch.to(tl.int64)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PADDED
 
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PADDED)
-    q_base = q_ptr + batch * stride_qb + head * stride_qh
-    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+    q_base = q_ptr + batch * stride_qb + head * stride_qh + q_start * stride_qm
+    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh + k_start * stride_kn
+    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh + k_start * stride_vn
     q = load_tile(tile_pointers(q_base, rows, stride_qm, offs_d, stride_qd), rows, seq_q, offs_d, HEAD_DIM, True, PAD_D)
 
-    # key tiles [0, full_end) need no mask; [full_end, end_n) cross the diagonal or the end of the keys
-    causal_offset = seq_k - seq_q
-    if CAUSAL:
-        end_n = tl.minimum(tl.maximum(m_block * BLOCK_M + BLOCK_M + causal_offset, 0), seq_k)
-        full_end = tl.maximum(m_block * BLOCK_M + causal_offset + 1, 0) // BLOCK_N * BLOCK_N
-        full_end = tl.minimum(full_end, end_n)
-    else:
-        end_n = seq_k
-        full_end = seq_k // BLOCK_N * BLOCK_N
+    first_row = m_block * BLOCK_M
+    last_row = tl.minimum(first_row + BLOCK_M, seq_q) - 1
+    right_edge, left_edge = window_edges(seq_k - seq_q, window_left, window_right, CAUSAL, WINDOW)
+    lo, hi = key_range(first_row, last_row, seq_k, right_edge, left_edge, BLOCK_N, CAUSAL, WINDOW)
 
-    qk_scale = scale * LOG2E  # softmax in exp2
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, row_max, row_sum = forward_key_tiles(
+    acc, row_max, row_sum = forward_visible_tiles(
         acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        rows, offs_n, offs_d, seq_k, causal_offset, qk_scale, 0, full_end,
-        HEAD_DIM, BLOCK_N, CAUSAL, False, PAD_D, DOT_PRECISION,
-    )
-    acc, row_max, row_sum = forward_key_tiles(
-        acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        rows, offs_n, offs_d, seq_k, causal_offset, qk_scale, full_end, end_n,
-        HEAD_DIM, BLOCK_N, CAUSAL, True, PAD_D, DOT_PRECISION,
+        rows, first_row, last_row, offs_n, offs_d, seq_k, right_edge, left_edge, scale * LOG2E, softcap, lo, hi,
+        HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, PAD_D, DOT_PRECISION,
     )
 
     out, lse2 = normalized_rows(acc, row_max, row_sum)
-    tl.store(lse_ptr + batch_head.to(tl.int64) * seq_q + rows, lse2 * LN2, mask=rows < seq_q)
-    o_base = o_ptr + batch * stride_ob + head * stride_oh
+    tl.store(lse_ptr + batch * stride_lseb + head * stride_lseh + q_start + rows, lse2 * LN2, mask=rows < seq_q)
+    o_base = o_ptr + batch * stride_ob + head * stride_oh + q_start * stride_om
     store_tile(tile_pointers(o_base, rows, stride_om, offs_d, stride_od), out.to(o_ptr.dtype.element_ty),
                rows, seq_q, offs_d, HEAD_DIM, PAD_D)
 
@@ -135,22 +256,26 @@ def attention_forward_kernel(
 forward_tuned = autotuned(attention_forward_kernel, "forward")
 
 
-def forward_args(q, k, v, o, lse, scale):
-    """The forward kernel's run-time arguments, in order."""
-    heads, seq_q = q.shape[1], q.shape[2]
-    kv_heads, seq_k = k.shape[1], k.shape[2]
+def forward_args(q, k, v, o, lse, scale, variant):
+    """The forward kernel's run-time arguments, in order, for (batch, heads, seq, head_dim) tensors or
+    packed sequences' views (``variant.cu_seqlens_q`` set: batch strides 0, seq lengths the longest)."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    seq_q, seq_k = variant.lengths(q, k)
     return (
-        q, k, v, o, lse, *strides(q), *strides(k), *strides(v), *strides(o),
-        heads, heads // kv_heads, seq_q, seq_k, float(scale), seq_bucket(seq_q), seq_bucket(seq_k),
+        q, k, v, o, lse, variant.cu_seqlens_q, variant.cu_seqlens_k,
+        *variant.strides(q), *variant.strides(k), *variant.strides(v), *variant.strides(o),
+        *variant.strides(lse)[:2], heads, heads // kv_heads, seq_q, seq_k, float(scale),
+        *variant.window_args(seq_q, seq_k), float(variant.softcap), seq_bucket(seq_q), seq_bucket(seq_k),
     )
 
 
-def launch_forward(q, k, v, o, lse, causal, scale):
+def launch_forward(q, k, v, o, lse, scale, variant):
     """Write o and lse with the forward kernel (any number of queries)."""
-    batch, heads, seq_q, head_dim = q.shape
+    batch, heads = variant.batch(q), q.shape[1]
+    seq_q, _ = variant.lengths(q, k)
 
     def grid(meta):
         return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
 
-    launch(forward_tuned, attention_forward_kernel, grid, forward_args(q, k, v, o, lse, scale),
-           shape_constexprs(head_dim, q.dtype, causal))
+    launch(forward_tuned, attention_forward_kernel, grid, forward_args(q, k, v, o, lse, scale, variant),
+           shape_constexprs(q.shape[-1], q.dtype, variant))
