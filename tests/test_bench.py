@@ -292,13 +292,30 @@ def test_hf_op_tiny(tmp_path):
     for r in ours:
         assert r["kind"] == "fastgpt" and set(r["speedup"]) == {"sdpa", "eager"}
         calls = r["attention_calls"]
-        if r["shape"]["padding"] == "none":  # no mask: every layer's attention on fastgpt
-            assert calls["fastgpt"] > 0 and calls["sdpa_fallback"] == 0, r
-        else:  # a padded batch carries a mask: all of it on transformers' SDPA, and the record says so
-            assert r["shape"]["batch"] > 1 and calls["fastgpt"] == 0 and calls["sdpa_fallback"] > 0, r
-            assert "SDPA" in r["note"]
+        assert calls["fastgpt"] > 0 and calls["sdpa_fallback"] == 0, r  # every layer's attention on fastgpt
+        if r["shape"]["padding"] != "none":  # a padded batch: the prompts packed on varlen_attention
+            assert r["shape"]["batch"] > 1 and calls["varlen"] > 0 and "varlen" in r["note"], r
         if r["pass"] == "generate":
             assert r["tokens"] == r["shape"]["batch"] * new_tokens
             assert r["same_tokens_as_sdpa"] is True  # fp32 greedy decoding: the same tokens
     table = hf.markdown_table(data)
     assert "| generate | 4 (left-padded) |" in table and "| prefill | 1 |" in table
+
+
+def test_overhead_op_times_both_ops_on_tiny_inputs_against_torch(tmp_path):
+    """`fastgpt bench --op overhead`: attention and add+LayerNorm at the call-overhead sizes, both
+    passes, fastgpt's native backend and the torch ops it replaces timed in the same run."""
+    from fastgpt.bench import overhead
+
+    assert bench.main(["--quick", "--device", "cpu", "--op", "overhead", "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "results.json").read_text())["measurements"]
+    timed = {(r["op"], r["pass"], r["implementation"]): r for r in records if r["status"] == "ok"}
+    (b, h, s, d, causal), (rows, hidden) = overhead.ATTENTION_SIZES[0], overhead.ADD_LAYER_NORM_SIZES[0]
+    for pass_ in ("fwd", "fwd+bwd"):
+        attention = timed[("attention", pass_, "fastgpt/reference")]
+        assert attention["shape"] == {"batch": b, "heads": h, "seq": s, "head_dim": d, "causal": causal}
+        assert "sdpa" in attention["speedup"]
+        norm = timed[("add_layer_norm", pass_, "fastgpt/reference")]
+        assert norm["shape"] == {"rows": rows, "hidden": hidden} and "torch eager" in norm["speedup"]
+        if registry.get("native").availability()[0]:
+            assert ("attention", pass_, "fastgpt/native") in timed and ("add_layer_norm", pass_, "fastgpt/native") in timed

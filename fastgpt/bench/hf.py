@@ -2,9 +2,10 @@
 ``attn_implementation="fastgpt"`` against ``"sdpa"`` and ``"eager"`` — prefill, forward+backward and
 greedy ``generate``, batch 1 and a left-padded batch — timed interleaved in the same run.
 
-fastgpt runs only the attention calls that arrive without a mask tensor; a padded batch carries one,
-so there every call goes to transformers' SDPA. Each fastgpt record counts, over one untimed call,
-how many attention calls ran on fastgpt and how many fell back (``attention_calls``).
+A padded batch runs on fastgpt too: its prefill and training step on ``varlen_attention`` (the
+prompts packed, no padding row computed), its decode steps once per sequence on its own keys. Each
+fastgpt record counts, over one untimed call, how many attention-layer calls ran on fastgpt, how many
+fell back to transformers' SDPA and how many ``varlen_attention`` calls ran (``attention_calls``).
 """
 
 import copy
@@ -118,11 +119,13 @@ def make_step(model, pass_, batch, new_tokens):
 
 
 class AttentionCallCounter:
-    """While active, counts the attention calls of ``attn_implementation="fastgpt"`` that run on
-    ``fastgpt.ops.attention`` and those it hands to transformers' SDPA."""
+    """While active, counts the attention-layer calls of ``attn_implementation="fastgpt"``: those
+    that ran on fastgpt (``fastgpt``), those it handed to transformers' SDPA (``sdpa_fallback``), and
+    the ``fastgpt.ops.varlen_attention`` calls among the first (``varlen``: a padded batch's
+    prefill and training step; its decode steps run ``ops.attention`` once per sequence)."""
 
     def __init__(self):
-        self.counts = {"fastgpt": 0, "sdpa_fallback": 0}
+        self.counts = {"fastgpt": 0, "sdpa_fallback": 0, "varlen": 0}
 
     def _counting(self, key, fn):
         def counted(*args, **kwargs):
@@ -132,19 +135,28 @@ class AttentionCallCounter:
         return counted
 
     def __enter__(self):
+        from transformers import AttentionInterface
+
         from fastgpt import ops
         from fastgpt.integrations import huggingface
 
-        self._saved = ops.attention, huggingface._sdpa_attention_forward
-        ops.attention = self._counting("fastgpt", ops.attention)
+        layers = AttentionInterface._global_mapping  # where models look "fastgpt" up on every call
+        self._saved = layers[huggingface.NAME], ops.varlen_attention, huggingface._sdpa_attention_forward
+        layers[huggingface.NAME] = self._counting("layers", layers[huggingface.NAME])
+        ops.varlen_attention = self._counting("varlen", ops.varlen_attention)
         huggingface._sdpa_attention_forward = self._counting("sdpa_fallback", huggingface._sdpa_attention_forward)
+        self.counts["layers"] = 0
         return self
 
     def __exit__(self, *exc):
+        from transformers import AttentionInterface
+
         from fastgpt import ops
         from fastgpt.integrations import huggingface
 
-        ops.attention, huggingface._sdpa_attention_forward = self._saved
+        layers = AttentionInterface._global_mapping
+        layers[huggingface.NAME], ops.varlen_attention, huggingface._sdpa_attention_forward = self._saved
+        self.counts["fastgpt"] = self.counts.pop("layers") - self.counts["sdpa_fallback"]
         return False
 
 
@@ -180,11 +192,12 @@ def transformers_version():
 
 def _fallback_note(counts):
     total = counts["fastgpt"] + counts["sdpa_fallback"]
+    varlen = f" ({counts['varlen']} varlen_attention calls)" if counts.get("varlen") else ""
     if counts["sdpa_fallback"] == 0:
-        return f"all {total} attention calls ran on fastgpt"
+        return f"all {total} attention calls ran on fastgpt{varlen}"
     return (
         f"{counts['fastgpt']} of {total} attention calls ran on fastgpt, {counts['sdpa_fallback']} went to "
-        "transformers' SDPA (they carry an attention mask: padding, or a static cache)"
+        "transformers' SDPA (a mask fastgpt does not read, dropout, or an option it lacks)"
     )
 
 
@@ -309,7 +322,9 @@ def markdown_table(results):
         batch = f"{s['batch']}" + (" (left-padded)" if s["padding"] == "left" else "")
         prompt = f"{s['prompt']}" + (f" + {s['new_tokens']} new" if "new_tokens" in s else "")
         calls = r.get("attention_calls", {})
-        where = f"{calls.get('fastgpt', 0)} of {calls.get('fastgpt', 0) + calls.get('sdpa_fallback', 0)}"
+        where = f"{calls.get('fastgpt', 0)} of {calls.get('fastgpt', 0) + calls.get('sdpa_fallback', 0)}" + (
+            f" ({calls['varlen']} varlen)" if calls.get("varlen") else ""
+        )
         same = {True: "yes", False: "**no**"}.get(r.get("same_tokens_as_sdpa"), "–")
         lines.append(
             f"| {r['pass']} | {batch} | {prompt} | {r['dtype']} | {ms['fastgpt']} | {ms.get('sdpa', '–')} "

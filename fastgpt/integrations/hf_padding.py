@@ -20,6 +20,7 @@ mask aligned bottom-right on the sequence's key span; rows with ``q + d >= end_b
 see the whole span, a second, non-causal ``varlen_attention`` call.
 """
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,12 +31,15 @@ from fastgpt import ops
 
 @dataclass
 class PaddingPlan:
-    """How one padded call runs: either dense (every sequence the same key span and no row outside
-    the causal band: ``ops.attention`` on keys ``dense_keys``) or packed (``varlen_attention`` on the
-    gathered rows). Index tensors are ``(sequence, position)`` pairs, in sequence order."""
+    """How one padded call runs: dense (every sequence the same key span and no row outside the
+    causal band: ``ops.attention`` on keys ``dense_keys``), one query per sequence (a decode step:
+    ``ops.attention`` per sequence on its keys ``decode_keys[b]`` in place, None for a row that sees
+    none), or packed (``varlen_attention`` on the gathered rows). Index tensors are
+    ``(sequence, position)`` pairs, in sequence order."""
 
     window: Optional[tuple]  # (left, 0), or None where the window hides no key
     dense_keys: Optional[slice] = None
+    decode_keys: Optional[list] = None
     causal_rows: tuple = ()  # (batch index, query index) of rows in the causal band
     key_rows: tuple = ()  # (batch index, key index) of every sequence's key span
     cu_seqlens_q: Optional[torch.Tensor] = None
@@ -49,7 +53,35 @@ class PaddingPlan:
 
 def plan(mask, batch, seq_q, seq_k, window_left):
     """The ``PaddingPlan`` for a 4-d ``mask`` that is exactly causal + key padding (+ the sliding
-    window ``window_left`` when not None), or None for any other mask."""
+    window ``window_left`` when not None), or None for any other mask.
+
+    A model hands the same mask tensor to every layer: the plan is kept for it (while it lives and
+    is not written to), so the mask is read once per forward."""
+    key = (id(mask), batch, seq_q, seq_k, window_left)
+    version = _version(mask)
+    kept = _plans.get(key)
+    if kept is not None and kept[0]() is mask and version is not None and kept[1] == version:
+        return kept[2]
+    new = _read(mask, batch, seq_q, seq_k, window_left)
+    if version is not None:
+        if len(_plans) >= _PLANS_KEPT:
+            _plans.clear()
+        _plans[key] = (weakref.ref(mask), version, new)
+    return new
+
+
+_plans = {}  # (id of the mask, shapes, window) -> (weak reference to it, its version, its plan)
+_PLANS_KEPT = 16  # a forward's masks (full and sliding layers): a few
+
+
+def _version(mask):
+    try:
+        return mask._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: never kept
+        return None
+
+
+def _read(mask, batch, seq_q, seq_k, window_left):
     allowed = _allowed_entries(mask, batch, seq_q, seq_k)
     if allowed is None:
         return None
@@ -110,6 +142,11 @@ def _plan_rows(starts, ends, d, seq_q, seq_k, window_left, device):
             window = (window_left, 0)
     if len(set(spans)) == 1 and first_causal[0] == 0 and past_causal[0] == seq_q:
         return PaddingPlan(window=window, dense_keys=slice(starts[0], ends[0]))
+    if seq_q == 1:
+        # gathering a decode step's keys would copy the whole cache, more bytes than its attention
+        # reads: each sequence's keys are used in place instead (its one query sees all of them)
+        sees = [f == 0 and e > s for (s, e), f in zip(spans, first_causal)]
+        return PaddingPlan(window=window, decode_keys=[slice(s, e) if b else None for (s, e), b in zip(spans, sees)])
     causal_counts = [p - f for f, p in zip(first_causal, past_causal)]
     key_counts = [e - s for s, e in spans]
     return PaddingPlan(
@@ -156,6 +193,15 @@ def attention(plan_, query, key, value, scale, softcap):
             query, key[:, :, keys], value[:, :, keys], causal=True, scale=scale, window=plan_.window, softcap=softcap
         )
         return out.transpose(1, 2).contiguous()
+    if plan_.decode_keys is not None:
+        rows = [
+            query.new_zeros(1, query.shape[1], 1, query.shape[3]) if keys is None else ops.attention(
+                query[b : b + 1], key[b : b + 1, :, keys], value[b : b + 1, :, keys],
+                causal=True, scale=scale, window=plan_.window, softcap=softcap,
+            )
+            for b, keys in enumerate(plan_.decode_keys)
+        ]
+        return torch.cat(rows).transpose(1, 2).contiguous()
     q_rows, k_rows = query.transpose(1, 2), key.transpose(1, 2)  # (batch, seq, heads, head_dim) views
     v_rows = value.transpose(1, 2)
     packed_k, packed_v = k_rows[plan_.key_rows], v_rows[plan_.key_rows]
@@ -171,5 +217,5 @@ def attention(plan_, query, key, value, scale, softcap):
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=plan_.max_seqlen_k,
                 causal=causal, scale=scale, window=window, softcap=softcap,
             )
-            out = out.index_put(rows, packed_out)
+            out.index_put_(rows, packed_out)  # a fresh tensor: autograd records the write
     return out
