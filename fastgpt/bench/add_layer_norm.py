@@ -26,10 +26,11 @@ def add_layer_norm_sizes(device, sizes):
     return [(rows, n) for rows in (4096, 16384) for n in (768, 1024, 2048, 4096, 8192, 12288, 16384)]
 
 
-def add_layer_norm_cases(settings):
+def add_layer_norm_cases(settings, sizes=None):
+    """The cases of ``sizes`` ([(rows, hidden)]; default: the sweep's)."""
     for dtype in settings.dtypes or default_dtypes("add_layer_norm", settings.device):
         es = torch.tensor([], dtype=dtype).element_size()
-        for rows, n in add_layer_norm_sizes(settings.device, settings.sizes):
+        for rows, n in sizes or add_layer_norm_sizes(settings.device, settings.sizes):
 
             def make(rows=rows, n=n, dtype=dtype):
                 dev = settings.device

@@ -31,9 +31,10 @@ def attention_sizes(device, sizes):
     return [(16384 // s, 2048 // d, s, d, c) for d, c in variants for s in seqs]
 
 
-def attention_cases(settings):
+def attention_cases(settings, sizes=None):
+    """The cases of ``sizes`` ([(batch, heads, seq, head_dim, causal)]; default: the sweep's)."""
     for dtype in settings.dtypes or default_dtypes("attention", settings.device):
-        for b, h, s, d, causal in attention_sizes(settings.device, settings.sizes):
+        for b, h, s, d, causal in sizes or attention_sizes(settings.device, settings.sizes):
             fwd_flops = 4 * b * h * s * s * d / (2 if causal else 1)
             es = torch.tensor([], dtype=dtype).element_size()
 

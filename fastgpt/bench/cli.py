@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from fastgpt.bench import add_layer_norm, attention, hf, model
+from fastgpt.bench import add_layer_norm, attention, hf, model, overhead
 from fastgpt.bench.machine import best_ceilings, last_level_cache_bytes, machine_info, measure_ceilings
 from fastgpt.bench.plots import write_plots
 from fastgpt.bench.records import SCHEMA, add_ratios
@@ -28,6 +28,7 @@ OPS = {
     "attention": attention.run,
     "add_layer_norm": add_layer_norm.run,
     "model": model.run,
+    "overhead": overhead.run,
     "hf": hf.run,
 }
 # `--op all`: fastgpt's own ops. The Hugging Face model needs the optional transformers and takes
@@ -82,8 +83,8 @@ def add_arguments(parser):
         "--op",
         choices=tuple(OPS) + ("all",),
         default="all",
-        help=f"what to time (default: all = {', '.join(ALL_OPS)}; hf: a Hugging Face Llama-style model, "
-        "needs transformers)",
+        help=f"what to time (default: all = {', '.join(ALL_OPS)}; overhead: both ops on tiny inputs, the "
+        "per-call cost; hf: a Hugging Face Llama-style model, needs transformers)",
     )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu"
