@@ -77,6 +77,20 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def(
       "native_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  // the attention variants (CPU only): sliding window (-1: unbounded side), soft cap (0: off), packed sequences
+  m.def(
+      "native_attention_variants_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale, int window_left, "
+      "int window_right, float softcap) -> (Tensor, Tensor)");
+  m.def(
+      "native_attention_variants_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "bool causal, float scale, int window_left, int window_right, float softcap) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "native_varlen_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "bool causal, float scale, int window_left, int window_right, float softcap) -> (Tensor, Tensor)");
+  m.def(
+      "native_varlen_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, bool causal, float scale, int window_left, int window_right, "
+      "float softcap) -> (Tensor, Tensor, Tensor)");
   m.def(
       "native_add_layer_norm_forward(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, "
       "bool is_rms_norm, bool residual_in_fp32) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -86,8 +100,19 @@ TORCH_LIBRARY(fastgpt, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
-  m.impl("native_attention_forward", &fastgpt::cpu::attention_forward);
-  m.impl("native_attention_backward", &fastgpt::cpu::attention_backward);
+  m.impl("native_attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                                        double scale) {
+    return fastgpt::cpu::attention_forward(q, k, v, causal, scale, -1, -1, 0.0);
+  });
+  m.impl("native_attention_backward",
+         [](const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+            const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) {
+           return fastgpt::cpu::attention_backward(grad_out, q, k, v, out, lse, causal, scale, -1, -1, 0.0);
+         });
+  m.impl("native_attention_variants_forward", &fastgpt::cpu::attention_forward);
+  m.impl("native_attention_variants_backward", &fastgpt::cpu::attention_backward);
+  m.impl("native_varlen_attention_forward", &fastgpt::cpu::varlen_attention_forward);
+  m.impl("native_varlen_attention_backward", &fastgpt::cpu::varlen_attention_backward);
   m.impl("native_add_layer_norm_forward", &fastgpt::cpu::add_layer_norm_forward);
   m.impl("native_add_layer_norm_backward", &fastgpt::cpu::add_layer_norm_backward);
 }

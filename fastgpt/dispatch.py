@@ -48,7 +48,10 @@ def unsupported_reason(op, name, args, variants=frozenset()):
         impl = backend.module(op)
     except ImportError as exc:
         return f"cannot import {backend.modules[op]}: {exc}"
-    return getattr(impl, f"{op}_unsupported")(*args)
+    reason = getattr(impl, f"{op}_unsupported")(*args)
+    if reason is None and variants and hasattr(impl, "attention_variants_unsupported"):
+        reason = impl.attention_variants_unsupported(*args, variants)  # declared, but not on every device
+    return reason
 
 
 _warned = set()

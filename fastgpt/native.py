@@ -16,6 +16,7 @@ import torch
 
 from fastgpt import extension
 from fastgpt.contract import residual_stream_dtype
+from fastgpt.registry import VARIANTS
 
 # what this module reads from build_info(); a build from older sources lacks some of it
 _LIMIT_KEYS = ("cpu_attention_max_head_dim", "cuda_attention_dtypes", "cuda_attention_head_dims",
@@ -108,8 +109,25 @@ def attention_unsupported(q, k, v):
     return None
 
 
-def attention_forward(q, k, v, causal, scale):
-    return torch.ops.fastgpt.native_attention_forward(q, k, v, causal, scale)
+def attention_variants_unsupported(q, k, v, variants):
+    """The variants the registry declares for this backend are CPU kernels: on another device they
+    are unsupported (``auto`` passes by, a backend named explicitly raises), plain calls are not."""
+    if q.device.type != "cpu":
+        missing = " or ".join(VARIANTS[name] for name in VARIANTS if name in variants)
+        return f"the native backend has no {missing} kernel on {q.device.type} (its variant kernels are CPU only)"
+    return None
+
+
+def attention_forward(q, k, v, causal, scale, *, window=None, softcap=0.0):
+    if window is None and softcap == 0.0:
+        return torch.ops.fastgpt.native_attention_forward(q, k, v, causal, scale)
+    return torch.ops.fastgpt.native_attention_variants_forward(q, k, v, causal, scale, *_variant_arguments(window, softcap))
+
+
+def _variant_arguments(window, softcap):
+    """(window_left, window_right, softcap) as the variant ops take them."""
+    left, right = (-1, -1) if window is None else window
+    return left, right, softcap
 
 
 @functools.cache
@@ -136,11 +154,30 @@ def attention_with_autograd(q, k, v, causal, scale, **variants):
     return torch.ops.fastgpt.native_attention(q, k, v, causal, scale)
 
 
-def attention_backward(do, q, k, v, o, lse, causal, scale):
+def attention_backward(do, q, k, v, o, lse, causal, scale, *, window=None, softcap=0.0):
+    if window is not None or softcap != 0.0:
+        return torch.ops.fastgpt.native_attention_variants_backward(
+            do, q, k, v, o, lse, causal, scale, *_variant_arguments(window, softcap)
+        )
     if q.device.type == "cuda" and not _build_info()["cuda_attention_backward"]:
         _, fallback = _cuda_backward_fallback()
         return fallback.attention_backward(do, q, k, v, o, lse, causal, scale)
     return torch.ops.fastgpt.native_attention_backward(do, q, k, v, o, lse, causal, scale)
+
+
+# max_seqlen_* are not needed: the kernel reads the offsets (it walks every sequence's tiles anyway)
+def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *,
+                             window=None, softcap=0.0):
+    return torch.ops.fastgpt.native_varlen_attention_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, *_variant_arguments(window, softcap)
+    )
+
+
+def varlen_attention_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                              scale, *, window=None, softcap=0.0):
+    return torch.ops.fastgpt.native_varlen_attention_backward(
+        do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, causal, scale, *_variant_arguments(window, softcap)
+    )
 
 
 # ----------------------------------------------------------------------------- add + LayerNorm
@@ -194,6 +231,22 @@ def _register_fakes():
 
     @torch.library.register_fake("fastgpt::native_attention_backward")
     def _(grad_out, q, k, v, out, lse, causal, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("fastgpt::native_attention_variants_forward")
+    def _(q, k, v, causal, scale, window_left, window_right, softcap):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("fastgpt::native_attention_variants_backward")
+    def _(grad_out, q, k, v, out, lse, causal, scale, window_left, window_right, softcap):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("fastgpt::native_varlen_attention_forward")
+    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window_left, window_right, softcap):
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("fastgpt::native_varlen_attention_backward")
+    def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale, window_left, window_right, softcap):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("fastgpt::native_add_layer_norm_forward")

@@ -161,6 +161,7 @@ register_backend(
         _native_availability,
         auto_devices=("cuda", "cpu"),
         description="the C++/CUDA extension fastgpt._C (csrc/)",
+        variants=set(VARIANTS),  # CPU kernels; on CUDA native.attention_variants_unsupported declines them
     )
 )
 register_backend(

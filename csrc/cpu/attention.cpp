@@ -13,12 +13,22 @@
 // baseline-x86-64 build. exp() and the other row loops are vector code compiled for several ISAs
 // (simd.h).
 //
-// Under a causal mask, the rows of a block that see only part of a key block are multiplied in
-// bands of kBandRows rows, each against only the keys its last row sees, so most of the masked
-// corner of a diagonal block is never computed (at 1024 keys in blocks of 128, 8% of all products).
+// The variants of docs/architecture.md run in the same loops. Each query row sees a range of keys
+// (Mask in attention_tiles.h: the bottom-right causal mask and the sliding window) whose ends only
+// grow down the rows, so a query block visits only the key tiles its rows see, and a key block
+// (backward) only the query tiles that see it: a sliding window costs what its width costs, not
+// the sequence. The rows of a block that see only part of a key block are multiplied in bands of
+// kBandRows rows, each against the keys its rows see together, and masked row by row; rows that
+// see the whole block form one band with no mask. Under a causal mask most of the masked corner of
+// a diagonal block is never computed (at 1024 keys in blocks of 128, 8% of all products). The soft
+// cap is applied to the scores of the keys a row sees, in the tile's softmax; the backward
+// multiplies the score gradients by its derivative, 1 - tanh^2, kept from recomputing the scores.
 //
-// Parallelism, with tasks handed out dynamically: the forward over batch x heads x query
-// blocks; the backward over batch x kv_heads x (a fixed number of splits of the key blocks).
+// A call attends within Sequences: the batch of a dense call, or the packed sequences of a varlen
+// call ((total, heads, head_dim) tensors read as (1, heads, total, head_dim) views, each sequence
+// a range of rows given by cu_seqlens). Parallelism, with tasks handed out dynamically: the
+// forward over (sequence, query block) x heads, the largest first; the backward over sequences x
+// kv_heads x (a fixed number of splits of each sequence's key blocks).
 // A backward task owns dK/dV of its key blocks and accumulates dQ into the fp32 partial buffer
 // of its split (with one split and fp32 q, into dQ itself); the partials are summed in split
 // order. Nothing depends on the thread count, so the results are deterministic.
@@ -40,9 +50,9 @@ constexpr int64_t kForwardBlockQ = 128;
 constexpr int64_t kForwardBlockK = 512;
 constexpr int64_t kBackwardBlockQ = 128;
 constexpr int64_t kBackwardBlockK = 128;
-// rows per band where a causal mask cuts a block (see the top of the file)
+// rows per band where the mask cuts a block (see the top of the file)
 constexpr int64_t kBandRows = 32;
-// the backward splits the key blocks of each (batch, kv_head) until there are this many tasks
+// the backward splits the key blocks of each (sequence, kv_head) until there are this many tasks
 constexpr int64_t kMinBackwardTasks = 16;
 
 // grad[j] = probs[j] * (grad[j] - delta): the softmax backward, dS = P * (dP - rowsum(dO * O))
@@ -52,65 +62,199 @@ FASTGPT_CPU_DISPATCH void softmax_backward_in_place(float* grad, const float* pr
   });
 }
 
+// row[j] *= factors[j] for j < n
+FASTGPT_CPU_DISPATCH void multiply_in_place(float* row, const float* factors, int64_t n) {
+  for_lanes(n, [&](int64_t j, int64_t count) {
+    store_lanes(row + j, load_lanes(row + j, count) * load_lanes(factors + j, count), count);
+  });
+}
+
 FASTGPT_CPU_DISPATCH float dot(const float* a, const float* b, int64_t n) {
   Floats sums{};
   for_lanes(n, [&](int64_t j, int64_t count) { sums += load_lanes(a + j, count) * load_lanes(b + j, count); });
   return sum_lanes(sums);
 }
 
-// Calls body(first_row, end_row, keys) for bands of rows of a query block (block_q rows from
-// first_query) against a key block (block_k keys from first_key), such that every row of a band sees
-// at most its first `keys` keys. Rows that see the whole block form one band; rows that see only part
-// of it (the causal diagonal) are taken kBandRows at a time, each band against the keys its last row
-// sees. Bands whose rows see no key are skipped.
-template <typename Body>
-void for_row_bands(bool causal, int64_t first_query, int64_t block_q, int64_t first_key, int64_t block_k,
-                   int64_t seq_q, int64_t seq_k, Body&& body) {
-  for (int64_t first_row = 0; first_row < block_q; first_row += kBandRows) {
-    const int64_t end_row = std::min(first_row + kBandRows, block_q);
-    const int64_t keys = visible_keys(causal, first_query + end_row - 1, first_key, block_k, seq_q, seq_k);
-    if (keys == block_k) {  // visibility only grows down the block: every later row sees every key
-      body(first_row, block_q, block_k);
-      return;
-    }
-    if (keys > 0) body(first_row, end_row, keys);
+// One sequence a call attends within: rows [q_start, q_start + seq_q) of q and [k_start, k_start +
+// seq_k) of k/v, in batch entry `batch` of the (batch, heads, rows, head_dim) views.
+struct Sequence {
+  int64_t batch, q_start, seq_q, k_start, seq_k;
+};
+
+// The options every sequence of a call shares.
+struct Variants {
+  bool causal;
+  int64_t window_left, window_right;
+  float softcap;  // 0: off
+
+  bool plain() const { return window_left < 0 && window_right < 0 && softcap == 0.f; }
+  Mask mask(const Sequence& s) const { return Mask(causal, window_left, window_right, s.seq_q, s.seq_k); }
+};
+
+// Rows of a (batch, heads, rows, head_dim) view with a unit inner stride: an output written row by
+// row, or (Value = float) an fp32 accumulator.
+template <typename Value>
+struct Rows {
+  Value* data;
+  int64_t stride_batch, stride_head, stride_seq;
+
+  Value* row(int64_t b, int64_t h, int64_t s) const {
+    return data + b * stride_batch + h * stride_head + s * stride_seq;
   }
+};
+
+Rows<char> output_rows(const at::Tensor& view) {  // byte addresses: the element size is applied here
+  const int64_t size = view.element_size();
+  return {static_cast<char*>(view.data_ptr()), view.stride(0) * size, view.stride(1) * size, view.stride(2) * size};
 }
 
-void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+Rows<float> float_rows(float* data, const at::Tensor& view) {
+  return {data, view.stride(0), view.stride(1), view.stride(2)};
+}
+
+// The keys of a key block [first_key, ...) that `query` sees, block-relative, within [begin, end).
+KeyRange row_keys(const Mask& mask, int64_t query, int64_t first_key, int64_t begin, int64_t end) {
+  const KeyRange keys = mask.keys_of(query);
+  const int64_t first = std::clamp(keys.begin - first_key, begin, end);
+  return {first, std::clamp(keys.end - first_key, first, end)};
+}
+
+// Calls body(first_row, end_row, begin, end) for bands of rows of a query block (block_q rows from
+// first_query) against a key block (block_k keys from first_key): every row of the band sees only
+// keys in [begin, end) of the block. Rows that see the whole block are gathered into bands with
+// begin = 0, end = block_k that need no mask; the others are taken kBandRows at a time, each band
+// against the keys its rows see together. Bands whose rows see no key of the block are skipped.
+template <typename Body>
+void for_row_bands(const Mask& mask, int64_t first_query, int64_t block_q, int64_t first_key, int64_t block_k,
+                   Body&& body) {
+  int64_t full_from = -1;  // first row of the run of bands that see the whole block
+  auto end_full_run = [&](int64_t end_row) {
+    if (full_from >= 0) body(full_from, end_row, int64_t{0}, block_k);
+    full_from = -1;
+  };
+  for (int64_t first_row = 0; first_row < block_q; first_row += kBandRows) {
+    const int64_t end_row = std::min(first_row + kBandRows, block_q);
+    const KeyRange first = mask.keys_of(first_query + first_row), last = mask.keys_of(first_query + end_row - 1);
+    if (last.begin <= first_key && first.end >= first_key + block_k) {
+      if (full_from < 0) full_from = first_row;
+      continue;
+    }
+    end_full_run(first_row);
+    const int64_t begin = std::clamp<int64_t>(first.begin - first_key, 0, block_k);
+    const int64_t end = std::clamp<int64_t>(last.end - first_key, 0, block_k);
+    if (begin < end) body(first_row, end_row, begin, end);
+  }
+  end_full_run(block_q);
+}
+
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool packed = false) {
+  const int64_t dims = packed ? 3 : 4;
+  const char* layout = packed ? " (total, heads, head_dim)" : " (batch, heads, seq, head_dim)";
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
     TORCH_CHECK(t.device().is_cpu(), "fastgpt native attention (CPU): ", name, " must be a CPU tensor, got ",
                 t.device());
-    TORCH_CHECK(t.dim() == 4, "fastgpt native attention: ", name,
-                " must be 4-dimensional (batch, heads, seq, head_dim), got shape ", t.sizes());
+    TORCH_CHECK(t.dim() == dims, "fastgpt native attention: ", name, " must be ", dims, "-dimensional", layout,
+                ", got shape ", t.sizes());
     TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
                 "fastgpt native attention: ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
     TORCH_CHECK(t.scalar_type() == q.scalar_type(), "fastgpt native attention: ", name, " must have the dtype of q (",
                 q.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK(t.numel() > 0, "fastgpt native attention: ", name, " must have no empty dimension, got shape ",
-                t.sizes());
+    // a packed batch may hold no rows (every sequence empty); heads and head_dim never are
+    for (int64_t d = packed ? 1 : 0; d < dims; ++d) {
+      TORCH_CHECK(t.size(d) > 0, "fastgpt native attention: ", name, " must have no empty dimension", layout,
+                  ", got shape ", t.sizes());
+    }
   }
   TORCH_CHECK(k.sizes() == v.sizes(), "fastgpt native attention: k and v must have the same shape, got ", k.sizes(),
               " and ", v.sizes());
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "fastgpt native attention: k must have shape (batch=",
-              q.size(0), ", kv_heads, seq_k, head_dim=", q.size(3), ") to match q, got ", k.sizes());
+  const int64_t head_dim_dim = dims - 1;  // heads are dim 1 in both layouts, head_dim the last
+  if (packed) {
+    TORCH_CHECK(k.size(2) == q.size(2), "fastgpt native attention: k must have shape (total_k, kv_heads, head_dim=",
+                q.size(2), ") to match q, got ", k.sizes());
+  } else {
+    TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "fastgpt native attention: k must have shape (batch=",
+                q.size(0), ", kv_heads, seq_k, head_dim=", q.size(3), ") to match q, got ", k.sizes());
+  }
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "fastgpt native attention: q's heads (", q.size(1),
               ") must be a multiple of k's kv_heads (", k.size(1), ")");
-  TORCH_CHECK(q.size(3) <= kAttentionMaxHeadDim, "fastgpt native attention: head_dim must be at most ",
-              kAttentionMaxHeadDim, ", got ", q.size(3));
+  TORCH_CHECK(q.size(head_dim_dim) <= kAttentionMaxHeadDim, "fastgpt native attention: head_dim must be at most ",
+              kAttentionMaxHeadDim, ", got ", q.size(head_dim_dim));
 }
 
-// The forward with tiles of Elem: fp32, or bf16 for bf16 inputs where the CPU multiplies bf16.
-template <typename Elem>
-void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                             double scale, at::Tensor& out, at::Tensor& lse) {
-  const int64_t batch = q.size(0), heads = q.size(1), seq_q = q.size(2), head_dim = q.size(3);
-  const int64_t kv_heads = k.size(1), seq_k = k.size(2), group = heads / kv_heads;
-  const Heads q_heads(q), k_heads(k), v_heads(v);
-  const int64_t query_blocks = (seq_q + kForwardBlockQ - 1) / kForwardBlockQ;
-  float* lse_out = lse.data_ptr<float>();
+Variants checked_variants(bool causal, int64_t window_left, int64_t window_right, double softcap) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1,
+              "fastgpt native attention: window sizes must be >= -1 (-1: unbounded), got (", window_left, ", ",
+              window_right, ")");
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "fastgpt native attention: softcap must be a finite float >= 0, got ",
+              softcap);
+  return {causal, window_left, window_right, static_cast<float>(softcap)};
+}
 
-  const int64_t tasks = batch * heads * query_blocks;
+std::vector<Sequence> dense_sequences(const at::Tensor& q, const at::Tensor& k) {
+  std::vector<Sequence> sequences;
+  for (int64_t b = 0; b < q.size(0); ++b) sequences.push_back({b, 0, q.size(2), 0, k.size(2)});
+  return sequences;
+}
+
+std::vector<Sequence> packed_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t total_q,
+                                       int64_t total_k) {
+  for (const auto& [cu, name] :
+       {std::pair<const at::Tensor&, const char*>{cu_seqlens_q, "cu_seqlens_q"}, {cu_seqlens_k, "cu_seqlens_k"}}) {
+    TORCH_CHECK(cu.device().is_cpu() && cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 2,
+                "fastgpt native varlen attention: ", name, " must be a 1-dimensional int32 CPU tensor of batch + 1 >= 2 "
+                "offsets, got ", cu.scalar_type(), " ", cu.sizes(), " on ", cu.device());
+  }
+  TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(), "fastgpt native varlen attention: cu_seqlens_k must have as "
+              "many offsets as cu_seqlens_q (", cu_seqlens_q.numel(), "), got ", cu_seqlens_k.numel());
+  const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
+  const int32_t *offsets_q = cq.const_data_ptr<int32_t>(), *offsets_k = ck.const_data_ptr<int32_t>();
+  const int64_t batch = cq.numel() - 1;
+  TORCH_CHECK(offsets_q[0] == 0 && offsets_k[0] == 0 && offsets_q[batch] == total_q && offsets_k[batch] == total_k,
+              "fastgpt native varlen attention: cu_seqlens_q and cu_seqlens_k must run from 0 to the rows of q (",
+              total_q, ") and of k (", total_k, "), got ", offsets_q[0], "..", offsets_q[batch], " and ", offsets_k[0],
+              "..", offsets_k[batch]);
+  std::vector<Sequence> sequences;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t seq_q = offsets_q[b + 1] - offsets_q[b], seq_k = offsets_k[b + 1] - offsets_k[b];
+    TORCH_CHECK(seq_q >= 0 && seq_k >= 0, "fastgpt native varlen attention: cu_seqlens must not decrease, got a "
+                "negative length at sequence ", b);
+    sequences.push_back({0, offsets_q[b], seq_q, offsets_k[b], seq_k});
+  }
+  return sequences;
+}
+
+// (batch, heads, rows, head_dim) view of a packed (total, heads, head_dim) tensor
+at::Tensor heads_view(const at::Tensor& packed) { return packed.transpose(0, 1).unsqueeze(0); }
+
+// The forward with tiles of Elem (fp32, or bf16 for bf16 inputs where the CPU multiplies bf16) on
+// (batch, heads, rows, head_dim) views: writes the rows of `out` (same layout, unit inner stride)
+// and lse[(batch * heads + head) * rows + row] of every query row of the sequences.
+template <typename Elem>
+void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::vector<Sequence>& sequences, const Variants& variants, double scale,
+                             const at::Tensor& out, float* lse_out) {
+  const int64_t heads = q.size(1), rows_q = q.size(2), head_dim = q.size(3);
+  const int64_t group = heads / k.size(1);
+  const Heads q_heads(q), k_heads(k), v_heads(v);
+  const Rows<char> out_rows = output_rows(out);
+
+  // work items: (sequence, query block), the ones that see the most keys first, so that the
+  // dynamic task loop ends with small tasks
+  struct Item {
+    int64_t sequence, first_query, block_q, keys;
+  };
+  std::vector<Item> items;
+  for (int64_t s = 0; s < static_cast<int64_t>(sequences.size()); ++s) {
+    const Mask mask = variants.mask(sequences[s]);
+    for (int64_t first_query = 0; first_query < sequences[s].seq_q; first_query += kForwardBlockQ) {
+      const int64_t block_q = std::min(kForwardBlockQ, sequences[s].seq_q - first_query);
+      const int64_t keys = mask.keys_of(first_query + block_q - 1).end - mask.keys_of(first_query).begin;
+      items.push_back({s, first_query, block_q, keys});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.keys > b.keys; });
+
+  const int64_t tasks = static_cast<int64_t>(items.size()) * heads;
   run_tasks_dynamically(tasks, [&](const auto& next_task) {
     std::vector<Elem> q_tile(kForwardBlockQ * head_dim), k_tile(kForwardBlockK * head_dim),
         v_tile(kForwardBlockK * head_dim);
@@ -118,45 +262,51 @@ void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at:
         row_max(kForwardBlockQ), row_sum(kForwardBlockQ);
     std::vector<Elem> probs = operand_buffer<Elem>(kForwardBlockQ * kForwardBlockK);
     for (int64_t task = next_task(); task < tasks; task = next_task()) {
-      const int64_t b = task / (heads * query_blocks), h = task / query_blocks % heads;
-      // the last query blocks see the most keys (causal): start with them, end with small tasks
-      const int64_t first_query = (query_blocks - 1 - task % query_blocks) * kForwardBlockQ;
-      const int64_t block_q = std::min(kForwardBlockQ, seq_q - first_query);
-      // keys past what the block's last query sees are never loaded
-      const int64_t key_end =
-          causal ? std::clamp<int64_t>(first_query + block_q + seq_k - seq_q, 0, seq_k) : seq_k;
+      const Item& item = items[task / heads];
+      const int64_t h = task % heads, first_query = item.first_query, block_q = item.block_q;
+      const Sequence& seq = sequences[item.sequence];
+      const Mask mask = variants.mask(seq);
+      // keys outside what the block's rows see are never loaded
+      const int64_t key_begin = mask.keys_of(first_query).begin, key_end = mask.keys_of(first_query + block_q - 1).end;
 
-      const Tile<Elem> q_rows = q_heads.tile(b, h, first_query, block_q, head_dim, q_tile.data());
+      const Tile<Elem> q_rows = q_heads.tile(seq.batch, h, seq.q_start + first_query, block_q, head_dim, q_tile.data());
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
 
-      for (int64_t first_key = 0; first_key < key_end; first_key += kForwardBlockK) {
+      for (int64_t first_key = key_begin; first_key < key_end; first_key += kForwardBlockK) {
         const int64_t block_k = std::min(kForwardBlockK, key_end - first_key);
-        const Tile<Elem> k_rows = k_heads.tile(b, h / group, first_key, block_k, head_dim, k_tile.data());
-        const Tile<Elem> v_rows = v_heads.tile(b, h / group, first_key, block_k, head_dim, v_tile.data());
-        for_row_bands(causal, first_query, block_q, first_key, block_k, seq_q, seq_k,
-                      [&](int64_t first_row, int64_t end_row, int64_t keys) {
-          float* band_scores = &scores[first_row * block_k];
-          gemm(Transpose::no, Transpose::yes, end_row - first_row, keys, head_dim, static_cast<float>(scale),
-               q_rows.row(first_row), q_rows.ld, k_rows.data, k_rows.ld, 0.f, band_scores, block_k);
+        const int64_t key_row = seq.k_start + first_key;
+        const Tile<Elem> k_rows = k_heads.tile(seq.batch, h / group, key_row, block_k, head_dim, k_tile.data());
+        const Tile<Elem> v_rows = v_heads.tile(seq.batch, h / group, key_row, block_k, head_dim, v_tile.data());
+        for_row_bands(mask, first_query, block_q, first_key, block_k,
+                      [&](int64_t first_row, int64_t end_row, int64_t begin, int64_t end) {
+          const int64_t band_rows = end_row - first_row, band_keys = end - begin;
+          float* band_scores = &scores[first_row * block_k + begin];
+          gemm(Transpose::no, Transpose::yes, band_rows, band_keys, head_dim, static_cast<float>(scale),
+               q_rows.row(first_row), q_rows.ld, k_rows.row(begin), k_rows.ld, 0.f, band_scores, block_k);
 
-          // online softmax: scores -> unnormalized probabilities; rescale what was accumulated
+          // online softmax: scores -> unnormalized probabilities (0 outside the keys the row sees);
+          // rescale what was accumulated
           for (int64_t r = first_row; r < end_row; ++r) {
             float* row = &scores[r * block_k];
-            const int64_t visible = visible_keys(causal, first_query + r, first_key, keys, seq_q, seq_k);
-            std::fill(row + visible, row + keys, 0.f);
-            if (visible == 0) continue;
-            const float new_max = std::max(row_max[r], max_of(row, visible));
+            const KeyRange seen = row_keys(mask, first_query + r, first_key, begin, end);
+            std::fill(row + begin, row + seen.begin, 0.f);
+            std::fill(row + seen.end, row + end, 0.f);
+            const int64_t count = seen.end - seen.begin;
+            if (count == 0) continue;
+            float* visible = row + seen.begin;
+            if (variants.softcap > 0.f) softcap_in_place(visible, count, 1.f, variants.softcap, nullptr);
+            const float new_max = std::max(row_max[r], max_of(visible, count));
             const float rescale = std::exp(row_max[r] - new_max);  // 0 while the row had no key yet
-            row_sum[r] = row_sum[r] * rescale + exp_in_place(row, visible, 1.f, new_max);
+            row_sum[r] = row_sum[r] * rescale + exp_in_place(visible, count, 1.f, new_max);
             row_max[r] = new_max;
             if (rescale != 1.f) scale_in_place(&acc[r * head_dim], head_dim, rescale);
           }
           const Elem* band_probs =
-              as_operand(band_scores, end_row - first_row, keys, block_k, probs.data(), first_row * block_k);
-          gemm(Transpose::no, Transpose::no, end_row - first_row, head_dim, keys, 1.f, band_probs, block_k,
-               v_rows.data, v_rows.ld, 1.f, &acc[first_row * head_dim], head_dim);
+              as_operand(band_scores, band_rows, band_keys, block_k, probs.data(), first_row * block_k + begin);
+          gemm(Transpose::no, Transpose::no, band_rows, head_dim, band_keys, 1.f, band_probs, block_k,
+               v_rows.row(begin), v_rows.ld, 1.f, &acc[first_row * head_dim], head_dim);
         });
       }
 
@@ -169,190 +319,289 @@ void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at:
         } else {
           scale_in_place(row, head_dim, 1.f / row_sum[r]);
         }
-        const int64_t out_row = (b * heads + h) * seq_q + first_query + r;
-        store_row(row, head_dim, out.scalar_type(), mutable_element_ptr(out, out_row * head_dim));
-        lse_out[out_row] = row_sum[r] > 0.f ? row_max[r] + std::log(row_sum[r]) : kNegInf;
+        const int64_t query_row = seq.q_start + first_query + r;
+        store_row(row, head_dim, out.scalar_type(), out_rows.row(seq.batch, h, query_row));
+        lse_out[(seq.batch * heads + h) * rows_q + query_row] =
+            row_sum[r] > 0.f ? row_max[r] + std::log(row_sum[r]) : kNegInf;
       }
     }
   });
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     bool causal, double scale) {
-  check_attention_inputs(q, k, v);
-  at::Tensor out = alloc_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = alloc_output(q.sizes().slice(0, 3), q.options().dtype(at::kFloat));
-  if (use_decode_kernel(q, k)) {
-    attention_decode_forward(q, k, v, causal, scale, out, lse);
-  } else if (bf16_products(q)) {
-    attention_forward_tiles<c10::BFloat16>(q, k, v, causal, scale, out, lse);
+void forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const std::vector<Sequence>& sequences, const Variants& variants, double scale,
+                   const at::Tensor& out, float* lse_out) {
+  if (bf16_products(q)) {
+    attention_forward_tiles<c10::BFloat16>(q, k, v, sequences, variants, scale, out, lse_out);
   } else {
-    attention_forward_tiles<float>(q, k, v, causal, scale, out, lse);
+    attention_forward_tiles<float>(q, k, v, sequences, variants, scale, out, lse_out);
   }
-  return {out, lse};
 }
 
-namespace {
-
-// The backward with tiles of Elem, as the forward.
+// The backward with tiles of Elem, as the forward, on (batch, heads, rows, head_dim) views; writes
+// every row of grad_q, grad_k and grad_v (views of contiguous outputs).
 template <typename Elem>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_tiles(const at::Tensor& grad_out,
-                                                                        const at::Tensor& q, const at::Tensor& k,
-                                                                        const at::Tensor& v, const at::Tensor& out,
-                                                                        const at::Tensor& lse, bool causal,
-                                                                        double scale) {
-  const int64_t batch = q.size(0), heads = q.size(1), seq_q = q.size(2), head_dim = q.size(3);
-  const int64_t kv_heads = k.size(1), seq_k = k.size(2), group = heads / kv_heads;
-  const at::Tensor lse_values = lse.contiguous();
-  const float* lse_in = lse_values.const_data_ptr<float>();
+void attention_backward_tiles(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& out, const float* lse_in,
+                              const std::vector<Sequence>& sequences, const Variants& variants, double scale,
+                              const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v) {
+  const int64_t batch = q.size(0), heads = q.size(1), rows_q = q.size(2), head_dim = q.size(3);
+  const int64_t kv_heads = k.size(1), group = heads / kv_heads;
   const Heads q_heads(q), k_heads(k), v_heads(v), grad_out_heads(grad_out), out_heads(out);
+  const Rows<char> grad_k_rows = output_rows(grad_k), grad_v_rows = output_rows(grad_v);
+  const bool softcap = variants.softcap > 0.f;
 
   // delta = rowsum(dO * O) == rowsum(P * dP): the softmax backward's per-row correction
-  std::vector<float> delta(batch * heads * seq_q);
-  at::parallel_for(0, batch * heads * seq_q, 256, [&](int64_t begin, int64_t end) {
+  std::vector<float> delta(batch * heads * rows_q);
+  at::parallel_for(0, batch * heads * rows_q, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> grad_row(head_dim), out_row(head_dim);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / seq_q / heads, h = row / seq_q % heads, s = row % seq_q;
+      const int64_t b = row / rows_q / heads, h = row / rows_q % heads, s = row % rows_q;
       delta[row] = dot(grad_out_heads.tile<float>(b, h, s, 1, head_dim, grad_row.data()).data,
                        out_heads.tile<float>(b, h, s, 1, head_dim, out_row.data()).data, head_dim);
     }
   });
 
-  const int64_t key_blocks = (seq_k + kBackwardBlockK - 1) / kBackwardBlockK;
-  const int64_t splits =
-      std::clamp<int64_t>((kMinBackwardTasks + batch * kv_heads - 1) / (batch * kv_heads), 1, key_blocks);
-  const int64_t key_blocks_per_split = (key_blocks + splits - 1) / splits;
-  at::Tensor grad_q = alloc_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor grad_k = alloc_output(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor grad_v = alloc_output(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  int64_t most_key_blocks = 1;
+  for (const Sequence& seq : sequences) {
+    most_key_blocks = std::max(most_key_blocks, (seq.seq_k + kBackwardBlockK - 1) / kBackwardBlockK);
+  }
+  const int64_t units = std::max<int64_t>(1, static_cast<int64_t>(sequences.size()) * kv_heads);
+  const int64_t splits = std::clamp<int64_t>((kMinBackwardTasks + units - 1) / units, 1, most_key_blocks);
   // dQ is accumulated in fp32, one partial sum per split of the key blocks: (splits, batch, heads,
-  // seq_q, head_dim). With one split and fp32 q, the partial is grad_q itself.
+  // rows, head_dim). With one split and fp32 q, the partial is grad_q itself.
   const bool grad_q_in_place = splits == 1 && q.scalar_type() == at::kFloat;
-  at::Tensor grad_q_partial = grad_q_in_place
-                                  ? grad_q.zero_()
-                                  : at::zeros({splits, batch, heads, seq_q, head_dim}, q.options().dtype(at::kFloat));
-  float* grad_q_acc = grad_q_partial.data_ptr<float>();
+  at::Tensor grad_q_partial;
+  Rows<float> grad_q_acc;
+  int64_t split_stride = 0;
+  if (grad_q_in_place) {
+    grad_q.zero_();
+    grad_q_acc = float_rows(grad_q.data_ptr<float>(), grad_q);
+  } else {
+    grad_q_partial = at::zeros({splits, batch, heads, rows_q, head_dim}, q.options().dtype(at::kFloat));
+    grad_q_acc = float_rows(grad_q_partial.data_ptr<float>(), grad_q_partial[0]);
+    split_stride = grad_q_partial.stride(0);
+  }
 
-  const int64_t tasks = batch * kv_heads * splits;
+  const int64_t tasks = static_cast<int64_t>(sequences.size()) * kv_heads * splits;
   run_tasks_dynamically(tasks, [&](const auto& next_task) {
     std::vector<Elem> k_tile(kBackwardBlockK * head_dim), v_tile(kBackwardBlockK * head_dim),
         q_tile(kBackwardBlockQ * head_dim), grad_out_tile(kBackwardBlockQ * head_dim);
     std::vector<float> grad_k_acc(kBackwardBlockK * head_dim), grad_v_acc(kBackwardBlockK * head_dim),
-        probs(kBackwardBlockQ * kBackwardBlockK), grad_scores(kBackwardBlockQ * kBackwardBlockK);
+        probs(kBackwardBlockQ * kBackwardBlockK), grad_scores(kBackwardBlockQ * kBackwardBlockK),
+        cap_derivative(softcap ? kBackwardBlockQ * kBackwardBlockK : 0);
+    std::vector<KeyRange> seen_keys(kBackwardBlockQ);
     std::vector<Elem> probs_operand = operand_buffer<Elem>(kBackwardBlockQ * kBackwardBlockK),
                       grad_scores_operand = operand_buffer<Elem>(kBackwardBlockQ * kBackwardBlockK);
     for (int64_t task = next_task(); task < tasks; task = next_task()) {
-      const int64_t b = task / (kv_heads * splits), kvh = task / splits % kv_heads, split = task % splits;
+      const int64_t split = task % splits, kvh = task / splits % kv_heads;
+      const Sequence& seq = sequences[task / (splits * kv_heads)];
+      const Mask mask = variants.mask(seq);
+      const int64_t key_blocks = (seq.seq_k + kBackwardBlockK - 1) / kBackwardBlockK;
+      const int64_t key_blocks_per_split = (key_blocks + splits - 1) / splits;
       const int64_t block_end = std::min(key_blocks, (split + 1) * key_blocks_per_split);
+      const Rows<float> grad_q_split = {grad_q_acc.data + split * split_stride, grad_q_acc.stride_batch,
+                                        grad_q_acc.stride_head, grad_q_acc.stride_seq};
       for (int64_t key_block = split * key_blocks_per_split; key_block < block_end; ++key_block) {
         const int64_t first_key = key_block * kBackwardBlockK;
-        const int64_t block_k = std::min(kBackwardBlockK, seq_k - first_key);
-        const Tile<Elem> k_rows = k_heads.tile(b, kvh, first_key, block_k, head_dim, k_tile.data());
-        const Tile<Elem> v_rows = v_heads.tile(b, kvh, first_key, block_k, head_dim, v_tile.data());
+        const int64_t block_k = std::min(kBackwardBlockK, seq.seq_k - first_key);
+        const int64_t key_row = seq.k_start + first_key;
+        const Tile<Elem> k_rows = k_heads.tile(seq.batch, kvh, key_row, block_k, head_dim, k_tile.data());
+        const Tile<Elem> v_rows = v_heads.tile(seq.batch, kvh, key_row, block_k, head_dim, v_tile.data());
         std::fill(grad_k_acc.begin(), grad_k_acc.end(), 0.f);
         std::fill(grad_v_acc.begin(), grad_v_acc.end(), 0.f);
-        // queries before this one see none of the block's keys
-        const int64_t first_seeing = causal ? std::max<int64_t>(0, first_key - (seq_k - seq_q)) : 0;
+        // only these queries see keys of the block
+        const KeyRange queries = mask.queries_seeing(first_key, first_key + block_k);
 
         for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-          for (int64_t first_query = first_seeing / kBackwardBlockQ * kBackwardBlockQ; first_query < seq_q;
-               first_query += kBackwardBlockQ) {
-            const int64_t block_q = std::min(kBackwardBlockQ, seq_q - first_query);
-            const int64_t row0 = (b * heads + h) * seq_q + first_query;
-            const Tile<Elem> q_rows = q_heads.tile(b, h, first_query, block_q, head_dim, q_tile.data());
+          for (int64_t first_query = queries.begin; first_query < queries.end; first_query += kBackwardBlockQ) {
+            const int64_t block_q = std::min(kBackwardBlockQ, queries.end - first_query);
+            const int64_t query_row = seq.q_start + first_query;
+            const int64_t row0 = (seq.batch * heads + h) * rows_q + query_row;
+            const Tile<Elem> q_rows = q_heads.tile(seq.batch, h, query_row, block_q, head_dim, q_tile.data());
             const Tile<Elem> grad_out_rows =
-                grad_out_heads.tile(b, h, first_query, block_q, head_dim, grad_out_tile.data());
-            float* grad_q_rows = grad_q_acc + (split * batch * heads * seq_q + row0) * head_dim;
+                grad_out_heads.tile(seq.batch, h, query_row, block_q, head_dim, grad_out_tile.data());
+            float* grad_q_rows = grad_q_split.row(seq.batch, h, query_row);
 
-            for_row_bands(causal, first_query, block_q, first_key, block_k, seq_q, seq_k,
-                          [&](int64_t first_row, int64_t end_row, int64_t keys) {
-              const int64_t rows = end_row - first_row;
-              float* band_probs = &probs[first_row * block_k];
-              float* band_grad_scores = &grad_scores[first_row * block_k];
+            for_row_bands(mask, first_query, block_q, first_key, block_k,
+                          [&](int64_t first_row, int64_t end_row, int64_t begin, int64_t end) {
+              const int64_t band_rows = end_row - first_row, band_keys = end - begin;
+              const int64_t band_offset = first_row * block_k + begin;
+              float* band_probs = &probs[band_offset];
+              float* band_grad_scores = &grad_scores[band_offset];
               const Elem* band_q = q_rows.row(first_row);
               const Elem* band_grad_out = grad_out_rows.row(first_row);
 
-              // P = exp(scale * Q K^T - lse), zero where masked or where the row sees no key
-              gemm(Transpose::no, Transpose::yes, rows, keys, head_dim, 1.f, band_q, q_rows.ld, k_rows.data,
-                   k_rows.ld, 0.f, band_probs, block_k);
+              // P = exp(cap(scale * Q K^T) - lse), zero where masked or where the row sees no key
+              gemm(Transpose::no, Transpose::yes, band_rows, band_keys, head_dim, 1.f, band_q, q_rows.ld,
+                   k_rows.row(begin), k_rows.ld, 0.f, band_probs, block_k);
               for (int64_t r = first_row; r < end_row; ++r) {
                 float* row = &probs[r * block_k];
-                const int64_t visible = visible_keys(causal, first_query + r, first_key, keys, seq_q, seq_k);
                 const float row_lse = lse_in[row0 + r];
-                const int64_t kept = row_lse == kNegInf ? 0 : visible;
-                std::fill(row + kept, row + keys, 0.f);
-                if (kept > 0) exp_in_place(row, kept, static_cast<float>(scale), row_lse);
+                KeyRange seen = row_keys(mask, first_query + r, first_key, begin, end);
+                if (row_lse == kNegInf) seen.end = seen.begin;
+                seen_keys[r] = seen;
+                std::fill(row + begin, row + seen.begin, 0.f);
+                std::fill(row + seen.end, row + end, 0.f);
+                const int64_t count = seen.end - seen.begin;
+                if (count == 0) continue;
+                if (softcap) {
+                  softcap_in_place(row + seen.begin, count, static_cast<float>(scale), variants.softcap,
+                                   &cap_derivative[r * block_k + seen.begin]);
+                  exp_in_place(row + seen.begin, count, 1.f, row_lse);
+                } else {
+                  exp_in_place(row + seen.begin, count, static_cast<float>(scale), row_lse);
+                }
               }
               // dV += P^T dO
               const Elem* band_probs_operand =
-                  as_operand(band_probs, rows, keys, block_k, probs_operand.data(), first_row * block_k);
-              gemm(Transpose::yes, Transpose::no, keys, head_dim, rows, 1.f, band_probs_operand, block_k,
-                   band_grad_out, grad_out_rows.ld, 1.f, grad_v_acc.data(), head_dim);
+                  as_operand(band_probs, band_rows, band_keys, block_k, probs_operand.data(), band_offset);
+              gemm(Transpose::yes, Transpose::no, band_keys, head_dim, band_rows, 1.f, band_probs_operand, block_k,
+                   band_grad_out, grad_out_rows.ld, 1.f, &grad_v_acc[begin * head_dim], head_dim);
               // dP = dO V^T
-              gemm(Transpose::no, Transpose::yes, rows, keys, head_dim, 1.f, band_grad_out, grad_out_rows.ld,
-                   v_rows.data, v_rows.ld, 0.f, band_grad_scores, block_k);
-              for (int64_t r = first_row; r < end_row; ++r) {  // dS = P * (dP - delta)
-                softmax_backward_in_place(&grad_scores[r * block_k], &probs[r * block_k], keys, delta[row0 + r]);
+              gemm(Transpose::no, Transpose::yes, band_rows, band_keys, head_dim, 1.f, band_grad_out,
+                   grad_out_rows.ld, v_rows.row(begin), v_rows.ld, 0.f, band_grad_scores, block_k);
+              for (int64_t r = first_row; r < end_row; ++r) {  // dS = P * (dP - delta), times the cap's derivative
+                softmax_backward_in_place(&grad_scores[r * block_k + begin], &probs[r * block_k + begin], band_keys,
+                                          delta[row0 + r]);
+                const KeyRange seen = seen_keys[r];
+                if (softcap && seen.end > seen.begin) {
+                  multiply_in_place(&grad_scores[r * block_k + seen.begin], &cap_derivative[r * block_k + seen.begin],
+                                    seen.end - seen.begin);
+                }
               }
-              const Elem* band_grad_scores_operand = as_operand(band_grad_scores, rows, keys, block_k,
-                                                                grad_scores_operand.data(), first_row * block_k);
+              const Elem* band_grad_scores_operand = as_operand(band_grad_scores, band_rows, band_keys, block_k,
+                                                                grad_scores_operand.data(), band_offset);
               // dK += scale dS^T Q
-              gemm(Transpose::yes, Transpose::no, keys, head_dim, rows, static_cast<float>(scale),
-                   band_grad_scores_operand, block_k, band_q, q_rows.ld, 1.f, grad_k_acc.data(), head_dim);
+              gemm(Transpose::yes, Transpose::no, band_keys, head_dim, band_rows, static_cast<float>(scale),
+                   band_grad_scores_operand, block_k, band_q, q_rows.ld, 1.f, &grad_k_acc[begin * head_dim], head_dim);
               // dQ += scale dS K
-              gemm(Transpose::no, Transpose::no, rows, head_dim, keys, static_cast<float>(scale),
-                   band_grad_scores_operand, block_k, k_rows.data, k_rows.ld, 1.f, grad_q_rows + first_row * head_dim,
-                   head_dim);
+              gemm(Transpose::no, Transpose::no, band_rows, head_dim, band_keys, static_cast<float>(scale),
+                   band_grad_scores_operand, block_k, k_rows.row(begin), k_rows.ld, 1.f,
+                   grad_q_rows + first_row * grad_q_split.stride_seq, grad_q_split.stride_seq);
             });
           }
         }
         for (int64_t r = 0; r < block_k; ++r) {
-          const int64_t out_row = (b * kv_heads + kvh) * seq_k + first_key + r;
-          store_row(&grad_k_acc[r * head_dim], head_dim, k.scalar_type(), mutable_element_ptr(grad_k, out_row * head_dim));
-          store_row(&grad_v_acc[r * head_dim], head_dim, v.scalar_type(), mutable_element_ptr(grad_v, out_row * head_dim));
+          store_row(&grad_k_acc[r * head_dim], head_dim, k.scalar_type(), grad_k_rows.row(seq.batch, kvh, key_row + r));
+          store_row(&grad_v_acc[r * head_dim], head_dim, v.scalar_type(), grad_v_rows.row(seq.batch, kvh, key_row + r));
         }
       }
     }
   });
-  if (grad_q_in_place) return {grad_q, grad_k, grad_v};
+  if (grad_q_in_place) return;
 
   // dQ = the split partials summed in split order, in q's dtype
-  const int64_t rows = batch * heads * seq_q, split_stride = rows * head_dim;
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+  const Rows<char> grad_q_rows = output_rows(grad_q);
+  at::parallel_for(0, batch * heads * rows_q, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> total(head_dim);
     for (int64_t row = begin; row < end; ++row) {
-      std::memcpy(total.data(), grad_q_acc + row * head_dim, head_dim * sizeof(float));
+      const int64_t b = row / rows_q / heads, h = row / rows_q % heads, s = row % rows_q;
+      const float* first = grad_q_acc.row(b, h, s);
+      std::memcpy(total.data(), first, head_dim * sizeof(float));
       for (int64_t split = 1; split < splits; ++split) {
-        const float* partial = grad_q_acc + split * split_stride + row * head_dim;
+        const float* partial = first + split * split_stride;
         for (int64_t c = 0; c < head_dim; ++c) total[c] += partial[c];
       }
-      store_row(total.data(), head_dim, q.scalar_type(), mutable_element_ptr(grad_q, row * head_dim));
+      store_row(total.data(), head_dim, q.scalar_type(), grad_q_rows.row(b, h, s));
     }
   });
-  return {grad_q, grad_k, grad_v};
 }
 
-}  // namespace
+void backward_tiles(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& out, const float* lse_in, const std::vector<Sequence>& sequences,
+                    const Variants& variants, double scale, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                    const at::Tensor& grad_v) {
+  if (bf16_products(q)) {
+    attention_backward_tiles<c10::BFloat16>(grad_out, q, k, v, out, lse_in, sequences, variants, scale, grad_q,
+                                            grad_k, grad_v);
+  } else {
+    attention_backward_tiles<float>(grad_out, q, k, v, out, lse_in, sequences, variants, scale, grad_q, grad_k,
+                                    grad_v);
+  }
+}
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
-                                                                  const at::Tensor& k, const at::Tensor& v,
-                                                                  const at::Tensor& out, const at::Tensor& lse,
-                                                                  bool causal, double scale) {
-  check_attention_inputs(q, k, v);
+void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out,
+                           const at::Tensor& lse, at::IntArrayRef lse_shape) {
   for (const auto& [t, name] :
        {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
     TORCH_CHECK(t.device().is_cpu() && t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type(),
                 "fastgpt native attention_backward: ", name, " must be a CPU tensor with the shape ", q.sizes(),
                 " and dtype ", q.scalar_type(), " of q, got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
   }
-  const int64_t batch = q.size(0), heads = q.size(1), seq_q = q.size(2);
-  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.sizes() == q.sizes().slice(0, 3),
-              "fastgpt native attention_backward: lse must be a float32 CPU tensor of shape (", batch, ", ", heads,
-              ", ", seq_q, "), got ", lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
-  return bf16_products(q) ? attention_backward_tiles<c10::BFloat16>(grad_out, q, k, v, out, lse, causal, scale)
-                          : attention_backward_tiles<float>(grad_out, q, k, v, out, lse, causal, scale);
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.sizes() == lse_shape,
+              "fastgpt native attention_backward: lse must be a float32 CPU tensor of shape ", lse_shape, ", got ",
+              lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
+}
+
+at::Tensor contiguous_output(at::IntArrayRef sizes, const at::Tensor& like) {
+  return alloc_output(sizes, like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     bool causal, double scale, int64_t window_left,
+                                                     int64_t window_right, double softcap) {
+  check_attention_inputs(q, k, v);
+  const Variants variants = checked_variants(causal, window_left, window_right, softcap);
+  at::Tensor out = contiguous_output(q.sizes(), q);
+  at::Tensor lse = alloc_output(q.sizes().slice(0, 3), q.options().dtype(at::kFloat));
+  if (variants.plain() && use_decode_kernel(q, k)) {  // the decode kernel has no window or soft cap
+    attention_decode_forward(q, k, v, causal, scale, out, lse);
+  } else {
+    forward_tiles(q, k, v, dense_sequences(q, k), variants, scale, out, lse.data_ptr<float>());
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& out, const at::Tensor& lse,
+                                                                  bool causal, double scale, int64_t window_left,
+                                                                  int64_t window_right, double softcap) {
+  check_attention_inputs(q, k, v);
+  check_backward_inputs(grad_out, q, out, lse, q.sizes().slice(0, 3));
+  const Variants variants = checked_variants(causal, window_left, window_right, softcap);
+  const at::Tensor lse_values = lse.contiguous();
+  at::Tensor grad_q = contiguous_output(q.sizes(), q), grad_k = contiguous_output(k.sizes(), k),
+             grad_v = contiguous_output(v.sizes(), v);
+  backward_tiles(grad_out, q, k, v, out, lse_values.const_data_ptr<float>(), dense_sequences(q, k), variants, scale,
+                 grad_q, grad_k, grad_v);
+  return {grad_q, grad_k, grad_v};
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                            const at::Tensor& cu_seqlens_k, bool causal, double scale,
+                                                            int64_t window_left, int64_t window_right,
+                                                            double softcap) {
+  check_attention_inputs(q, k, v, /*packed=*/true);
+  const Variants variants = checked_variants(causal, window_left, window_right, softcap);
+  const std::vector<Sequence> sequences = packed_sequences(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0));
+  at::Tensor out = contiguous_output(q.sizes(), q);
+  at::Tensor lse = alloc_output({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  // rows of sequences without keys are written by their (empty) query blocks like any blind row
+  forward_tiles(heads_view(q), heads_view(k), heads_view(v), sequences, variants, scale, heads_view(out),
+                lse.data_ptr<float>());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, bool causal, double scale,
+    int64_t window_left, int64_t window_right, double softcap) {
+  check_attention_inputs(q, k, v, /*packed=*/true);
+  check_backward_inputs(grad_out, q, out, lse, {q.size(1), q.size(0)});
+  const Variants variants = checked_variants(causal, window_left, window_right, softcap);
+  const std::vector<Sequence> sequences = packed_sequences(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0));
+  const at::Tensor lse_values = lse.contiguous();
+  at::Tensor grad_q = contiguous_output(q.sizes(), q), grad_k = contiguous_output(k.sizes(), k),
+             grad_v = contiguous_output(v.sizes(), v);
+  backward_tiles(heads_view(grad_out), heads_view(q), heads_view(k), heads_view(v), heads_view(out),
+                 lse_values.const_data_ptr<float>(), sequences, variants, scale, heads_view(grad_q), heads_view(grad_k),
+                 heads_view(grad_v));
+  return {grad_q, grad_k, grad_v};
 }
 
 }  // namespace fastgpt::cpu

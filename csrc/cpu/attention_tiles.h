@@ -73,6 +73,21 @@ FASTGPT_CPU_DISPATCH inline void scale_in_place(float* row, int64_t n, float fac
   for_lanes(n, [&](int64_t j, int64_t count) { store_lanes(row + j, load_lanes(row + j, count) * factor, count); });
 }
 
+// row[j] = cap * tanh(row[j] * multiplier / cap) for j < n (soft-capping, scale first); where
+// derivative is given, derivative[j] = 1 - tanh^2, the cap's derivative the backward multiplies by.
+// tanh(y) = 1 - 2 / (exp(2y) + 1): exp_lanes saturates, so large |y| give exactly +-1, and the
+// absolute error near 0 is an ulp of 1 (the scores' own rounding is larger).
+FASTGPT_CPU_DISPATCH inline void softcap_in_place(float* row, int64_t n, float multiplier, float cap,
+                                                  float* derivative) {
+  const float inner = 2.f * multiplier / cap;
+  const Floats one = Floats{} + 1.f;
+  for_lanes(n, [&](int64_t j, int64_t count) __attribute__((always_inline)) {
+    const Floats t = one - (one + one) / (exp_lanes(load_lanes(row + j, count) * inner) + one);
+    store_lanes(row + j, t * cap, count);
+    if (derivative != nullptr) store_lanes(derivative + j, one - t * t, count);
+  });
+}
+
 // ----------------------------------------------------------------------------- tiles
 
 // Values computed in fp32 (probabilities, score gradients: rows x cols, row stride ld) as an operand
@@ -165,6 +180,35 @@ inline int64_t visible_keys(bool causal, int64_t query, int64_t first_key, int64
   const int64_t last_visible = query + seq_k - seq_q;  // bottom-right alignment
   return std::clamp<int64_t>(last_visible - first_key + 1, 0, block);
 }
+
+// Which keys each query row of one sequence sees: the bottom-right causal mask and sliding window of
+// docs/architecture.md, with left/right = -1 for an unbounded side (causal: right = 0). Both ends
+// of a row's range only grow down the rows, which is what lets the kernels skip whole tiles.
+struct KeyRange {
+  int64_t begin, end;  // [begin, end); empty when end <= begin
+};
+
+struct Mask {
+  int64_t left, right, seq_q, seq_k;
+
+  Mask(bool causal, int64_t window_left, int64_t window_right, int64_t seq_q, int64_t seq_k)
+      : left(window_left), right(causal ? 0 : window_right), seq_q(seq_q), seq_k(seq_k) {}
+
+  KeyRange keys_of(int64_t query) const {
+    const int64_t diagonal = query + seq_k - seq_q;
+    const int64_t begin = left >= 0 ? std::max<int64_t>(0, diagonal - left) : 0;
+    const int64_t end = right >= 0 ? std::min<int64_t>(seq_k, diagonal + right + 1) : seq_k;
+    return {begin, std::max(begin, end)};
+  }
+
+  // [begin, end) of the queries that see at least one key of [first_key, end_key)
+  KeyRange queries_seeing(int64_t first_key, int64_t end_key) const {
+    const int64_t offset = seq_k - seq_q;
+    const int64_t begin = right >= 0 ? std::max<int64_t>(0, first_key - right - offset) : 0;
+    const int64_t end = left >= 0 ? std::min<int64_t>(seq_q, end_key + left - offset) : seq_q;
+    return {begin, std::max(begin, end)};
+  }
+};
 
 // Whether bf16 inputs are multiplied in bf16 (fp32 accumulation; the probabilities and score
 // gradients rounded to bf16 on the way into their products, as FlashAttention does on GPUs).

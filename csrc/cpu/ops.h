@@ -13,12 +13,28 @@ namespace fastgpt::cpu {
 // The largest head_dim the attention kernels take (reported by build_info() as max_head_dim).
 constexpr int64_t kAttentionMaxHeadDim = 256;
 
+// Attention of (batch, heads, seq, head_dim) tensors with the variants of docs/architecture.md:
+// window_left/window_right = -1 for an unbounded side, softcap = 0 for none (the plain ops pass these).
 std::tuple<at::Tensor, at::Tensor> attention_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale);
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
+    int64_t window_left, int64_t window_right, double softcap);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale);
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, int64_t window_left,
+    int64_t window_right, double softcap);
+
+// The same on packed (total, heads, head_dim) tensors: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1]
+// (int32 offsets on the CPU); lse is (heads, total_q).
+std::tuple<at::Tensor, at::Tensor> varlen_attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, bool causal, double scale, int64_t window_left, int64_t window_right,
+    double softcap);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    bool causal, double scale, int64_t window_left, int64_t window_right, double softcap);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
