@@ -287,3 +287,70 @@ def test_add_layer_norm_backward_uses_the_schedule():
     assert "atomicAdd" not in source
     assert "dim3 block(config.threads_per_row, backward_rows_per_program(n))" in source
     assert "add_layer_norm_backward_programs(rows, n, multiprocessor_count())" in bindings
+
+
+# The CUDA decode's work split (csrc/cuda/attention_decode_plan.h), checked on the CPU: the query
+# rows of a kv head (its GQA group's heads times the queries) share one block, so one pass over
+# that head's K/V slice, up to 8 rows; every key lies in exactly one non-empty slice.
+DECODE_PLAN_CHECK = r"""
+#include "attention_decode_plan.h"
+
+#include <cstdio>
+#include <initializer_list>
+
+using namespace fastgpt::cuda;
+
+int main() {
+  int failures = 0;
+  const long long kv_head_counts[] = {1, 2, 8}, group_sizes[] = {1, 2, 3, 4, 7, 8, 16}, queries[] = {1, 2, 3, 4};
+  const long long key_counts[] = {0, 1, 63, 64, 65, 1000, 4096, 131072}, batches[] = {1, 3, 64};
+  for (long long batch : batches)
+    for (long long kv_heads : kv_head_counts)
+      for (long long group : group_sizes)
+        for (long long seq_q : queries)
+          for (long long seq_k : key_counts)
+            for (int sms : {1, 132}) {
+              const DecodePlan plan = decode_plan(batch, kv_heads * group, kv_heads, seq_q, seq_k, sms);
+              const long long rows = group * seq_q, one_pass = rows < 8 ? rows : 8;  // groups of up to 8 rows: one pass
+              const int r = plan.tile_rows;
+              bool ok = (r == 1 || r == 2 || r == 4 || r == 8) && r >= one_pass && (r == 1 || r / 2 < one_pass);
+              ok = ok && plan.row_tiles == (rows + r - 1) / r;  // a head's K/V slice is read once per 8 rows
+              ok = ok && plan.splits >= 1 && plan.splits <= 65535 && plan.keys_per_split >= 1;
+              if (seq_k > 0)  // the slices cover the keys, none empty
+                ok = ok && plan.splits * plan.keys_per_split >= seq_k && (plan.splits - 1) * plan.keys_per_split < seq_k;
+              if (!ok && ++failures <= 20)
+                std::printf("FAIL batch=%lld kv_heads=%lld group=%lld seq_q=%lld seq_k=%lld sms=%d: R=%d tiles=%lld "
+                            "splits=%lld keys=%lld\n", batch, kv_heads, group, seq_q, seq_k, sms, r,
+                            (long long)plan.row_tiles, (long long)plan.splits, (long long)plan.keys_per_split);
+            }
+  std::printf("%d failures\n", failures);
+  return failures == 0 ? 0 : 1;
+}
+"""
+
+
+def test_attention_decode_plan_on_cpu(tmp_path):
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("needs a C++ compiler (g++)")
+    source = tmp_path / "decode_plan_check.cpp"
+    source.write_text(DECODE_PLAN_CHECK)
+    binary = tmp_path / "decode_plan_check"
+    build = subprocess.run(
+        [compiler, "-std=c++17", "-O2", f"-I{CUDA_DIR}", str(source), "-o", str(binary)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_attention_decode_reads_kv_once_per_group():
+    """The split kernel takes its rows from the plan and reads K/V rows with 16-byte loads."""
+    source = (CUDA_DIR / "attention_decode.cu").read_text()
+    assert '#include "attention_decode_plan.h"' in source
+    assert "reinterpret_cast<const uint4*>(row + first)" in source
+    for rows in ("1", "2", "4", "kDecodeMaxTileRows"):
+        assert f"launch_split<T, D, {rows}>" in source

@@ -96,8 +96,10 @@ cudaError_t attention_forward(
     const AttentionShape& shape, bool causal, float scale, cudaStream_t stream);
 
 // The split-key (flash-decoding) path that attention_forward takes by itself for few queries
-// (seq_q <= kDecodeMaxQueries): each block scores one query row against one slice of the keys
-// and writes a partial (o, lse); a second kernel merges the slices by log-sum-exp.
+// (seq_q <= kDecodeMaxQueries): each block scores the query rows of one kv head (the heads of its
+// GQA group times the queries, up to 8 per block) against one slice of the keys, reading that
+// slice of K and V once with 16-byte loads, and writes a partial (o, lse) per row; a second
+// kernel merges the slices by log-sum-exp.
 constexpr int64_t kDecodeMaxQueries = 4;
 int64_t attention_decode_workspace_floats(const AttentionShape& shape);
 cudaError_t attention_decode_forward(const void* q, Strides4 q_strides, const void* k, Strides4 k_strides,
