@@ -1,5 +1,7 @@
 """Inputs the Triton kernels must take or decline honestly: weight and bias of any stride
-(a slice, an expanded stride-0 vector), and dtypes they cannot compute where they run."""
+(a slice, an expanded stride-0 vector), dtypes they cannot compute where they run, and the edges
+of the attention variants (key splits a window leaves empty, a negative or zero scale under a soft
+cap, packed batches without keys or queries)."""
 
 import pytest
 import torch
@@ -105,3 +107,57 @@ def test_attention_takes_a_negative_or_zero_scale(scale, seq_q, seq_k):
     seen = torch.isfinite(lse_ref)
     assert_close("lse", lse[seen], lse_ref[seen], torch.float32)
     assert (lse[~seen] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("window, softcap", [((20, 0), 0.0), ((7, 0), 2.0), (None, 1.5)])
+def test_decode_with_a_window_or_a_cap_across_key_splits(window, softcap):
+    """Decoding against a long cache splits the keys across programs; with a window most splits see
+    no key (their partial lse is -inf) and the merge must weigh them 0."""
+    _skip_unless_triton()
+    kernels = pytest.importorskip("fastgpt.kernels.attention")
+    from fastgpt.kernels.attention_decode import decode_plan
+
+    generator = torch.Generator().manual_seed(len(str(window)))
+    q = torch.randn(1, 4, 2, 16, generator=generator)
+    k, v = (torch.randn(1, 2, 200, 16, generator=generator) for _ in range(2))
+    plan = decode_plan(1, 2, 2, 2, 200, 16, q)
+    assert plan is not None and plan.splits > 1
+    o, lse = kernels.attention_forward(q, k, v, True, 0.3, window=window, softcap=softcap)
+    o_ref, lse_ref = attention_float64(q, k, v, True, 0.3, window, softcap)
+    assert_close("o", o, o_ref, torch.float32)
+    assert_close("lse", lse, lse_ref, torch.float32)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_variants_take_a_negative_or_zero_scale(scale):
+    """The sign of the scale moves into q under a window and a soft cap too (tanh is odd)."""
+    _skip_unless_triton()
+    kernels = pytest.importorskip("fastgpt.kernels.attention")
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 21, 16, generator=generator)
+    k, v = (torch.randn(1, 1, 37, 16, generator=generator) for _ in range(2))
+    o, lse = kernels.attention_forward(q, k, v, False, scale, window=(9, 4), softcap=2.0)
+    o_ref, lse_ref = attention_float64(q, k, v, False, scale, (9, 4), 2.0)
+    assert_close("o", o, o_ref, torch.float32)
+    assert_close("lse", lse, lse_ref, torch.float32)
+
+
+def test_packed_sequences_without_keys_or_queries():
+    """Varlen batches where no sequence has a key (zeros, lse -inf, zero gradients) or no query."""
+    _skip_unless_triton()
+    kernels = pytest.importorskip("fastgpt.kernels.attention")
+    q = torch.randn(5, 2, 16)
+    k = v = torch.randn(0, 1, 16)
+    cu_q, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    o, lse = kernels.varlen_attention_forward(q, k, v, cu_q, cu_k, 3, 0, True, 0.25)
+    assert (o == 0).all() and (lse == float("-inf")).all() and lse.shape == (2, 5)
+    dq, dk, dv = kernels.varlen_attention_backward(torch.randn_like(o), q, k, v, o, lse, cu_q, cu_k, 3, 0, True, 0.25)
+    assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
+    q0 = torch.randn(0, 2, 16)
+    k0, v0 = (torch.randn(4, 1, 16) for _ in range(2))
+    o, lse = kernels.varlen_attention_forward(q0, k0, v0, torch.zeros(2, dtype=torch.int32),
+                                              torch.tensor([0, 4], dtype=torch.int32), 0, 4, False, 0.25)
+    assert o.shape == (0, 2, 16) and lse.shape == (2, 0)
+    dq, dk, dv = kernels.varlen_attention_backward(o, q0, k0, v0, o, lse, torch.zeros(2, dtype=torch.int32),
+                                                   torch.tensor([0, 4], dtype=torch.int32), 0, 4, False, 0.25)
+    assert (dk == 0).all() and (dv == 0).all()
