@@ -77,11 +77,12 @@ class _StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, dist=SINGLE):
+    def __init__(self, dist=SINGLE, all_ranks_save=False):
         self.signum = None
         self._previous = {}
         # distributed, a signal reaches one rank or all of them (Ctrl-C, torchrun passing one on): all stop
-        self._rank, self._saves = (f"rank {dist.rank}: ", dist.is_main) if dist.distributed else ("", True)
+        self._rank = f"rank {dist.rank}: " if dist.distributed else ""
+        self._saves = dist.is_main or all_ranks_save or not dist.distributed
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -336,7 +337,7 @@ class Trainer:
         )
         say = bar.write if self.dist.is_main else _silent  # bar.write prints also when the bar is disabled
         steps_timed, seconds_timed = 0, 0.0
-        with _StopSignals(self.dist) as stop:
+        with _StopSignals(self.dist, all_ranks_save=self.cfg.fsdp) as stop:
             try:
                 while self.step < self.cfg.max_steps and not self._agreed_signal(stop):
                     started, skipped = time.perf_counter(), self.skipped
