@@ -152,8 +152,12 @@ def fsdp_worker(rank, folder, port):
                               steps=FSDP_STEPS, fsdp=True)
             results[name] = run(resumed, FSDP_STEPS)
         sharded = trainer(dist=context, steps=FSDP_STEPS, fsdp=True)
-        assert type(next(sharded.model.parameters())).__name__ == "DTensor"
         results["fsdp"] = run(sharded, FSDP_STEPS, FSDP_SAVED_AT, os.path.join(folder, "fsdp", "ckpt.dcp"))
+        # each rank holds half of every weight and of its optimizer state
+        weights = list(sharded.model.parameters())
+        held = sum(p.to_local().numel() for p in weights)
+        moments = sum(sharded.optimizer.state[p]["exp_avg"].to_local().numel() for p in weights)
+        assert held == moments and abs(held - sum(p.numel() for p in weights) / 2) <= len(weights), held
         results["fsdp_grad_accum_2"] = run(trainer(grad_accum=2, dist=context, steps=FSDP_STEPS, fsdp=True), 6)
         ddp = trainer(checkpoint=load_checkpoint(os.path.join(folder, "fsdp")), dist=context, steps=FSDP_STEPS)
         results["ddp_from_fsdp"] = run(ddp, FSDP_STEPS)
