@@ -159,3 +159,17 @@ def test_variant_ops_opcheck():
     torch.library.opcheck(
         torch.ops.fastgpt.native_varlen_attention_backward.default, (torch.randn_like(o), qp, kp, vp, o, lse, cu, cu, *varlen_args[5:])
     )
+
+
+def test_variants_off_the_cpu_are_declined_with_a_reason(monkeypatch):
+    """The registry declares native's variants, but its kernels for them are CPU only: on another
+    device the variant check says so (auto passes native by, backend="native" raises BackendError)."""
+    from fastgpt import dispatch
+
+    q = torch.empty(1, 2, 4, 16, device="meta")  # stands in for a CUDA tensor: no GPU needed
+    monkeypatch.setattr(native, "attention_unsupported", lambda q, k, v: None)  # as if native ran plain calls there
+    reason = dispatch.unsupported_reason("attention", "native", (q, q, q), frozenset({"window", "softcap"}))
+    assert reason == "the native backend has no sliding-window or soft-capping kernel on meta (its variant kernels are CPU only)"
+    assert dispatch.unsupported_reason("attention", "native", (q, q, q)) is None
+    cpu = torch.empty(1, 2, 4, 16)
+    assert native.attention_variants_unsupported(cpu, cpu, cpu, frozenset({"varlen"})) is None
