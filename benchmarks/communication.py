@@ -56,7 +56,8 @@ def megabytes(n):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32, help="global batch (sequences per step)")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (FSDP gathers per micro-batch)")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches per step (FSDP gathers the weights for each)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 64])
     args = parser.parse_args()
     columns = ["preset", "P (blocks + root)", "tokens/step", "FLOPs/step"]
@@ -73,7 +74,8 @@ def main():
         for w in args.ranks:
             row += [megabytes(ddp_bytes(total, w)), megabytes(fsdp_bytes(blocks, root, w, args.grad_accum))]
         large = 10**9
-        row.append(f"{flops / ddp_bytes(total, large):,.0f} / {flops / fsdp_bytes(blocks, root, large, args.grad_accum):,.0f}")
+        ddp, fsdp = ddp_bytes(total, large), fsdp_bytes(blocks, root, large, args.grad_accum)
+        row.append(f"{flops / ddp:,.0f} / {flops / fsdp:,.0f}")
         print("| " + " | ".join(row) + " |")
 
 

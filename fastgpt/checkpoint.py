@@ -306,7 +306,8 @@ def save_sharded_checkpoint(path, model, optimizer, progress, random_states, dis
     state = {"model": model_state, "optimizer": optimizer_state}
     not_finite = _first_non_finite_shard(state)
     if dist.largest(int(not_finite is not None)):
-        raise CheckpointError(f"refusing to write {path}: {not_finite or 'a shard on another rank'} holds NaN or inf values")
+        where = not_finite or "a shard on another rank"
+        raise CheckpointError(f"refusing to write {path}: {where} holds NaN or inf values")
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".ckpt-{dist.from_main(secrets.token_hex(8))}.tmp")  # one name for all ranks
     error = None
@@ -362,7 +363,9 @@ def _load_manifest(path):
     """The checkpoint dict of a sharded folder: its manifest read and every file's checksum checked."""
     manifest_file = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_file):
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}: the save that wrote it did not finish)")
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint (no {MANIFEST}: the save that wrote it did not finish)"
+        )
     try:
         with open(manifest_file) as f:
             manifest = json.load(f)
@@ -370,10 +373,7 @@ def _load_manifest(path):
             raise CheckpointError(f"{path} is not a fastgpt sharded checkpoint (format {manifest.get('format')!r})")
         config = GPTConfig.from_dict(manifest["config"])
         progress, files = manifest["progress"], dict(manifest["files"])
-        random_states = {
-            name: torch.frombuffer(bytearray.fromhex(text), dtype=torch.uint8) if text else torch.zeros(0, dtype=torch.uint8)
-            for name, text in manifest["random_states"].items()
-        }
+        random_states = {name: _bytes_tensor(text) for name, text in manifest["random_states"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path} has a damaged {MANIFEST} ({_first_line(exc)})") from exc
     _check_progress(path, progress)
@@ -383,7 +383,9 @@ def _load_manifest(path):
         raise CheckpointError(f"{path} is damaged: files missing {missing}, files not in its manifest {extra}")
     damaged = sorted(name for name in files if _file_sha256(os.path.join(path, name)) != files[name])
     if damaged:
-        raise CheckpointError(f"{path} is damaged: {', '.join(damaged)} no longer match the checksums written with them")
+        raise CheckpointError(
+            f"{path} is damaged: {', '.join(damaged)} no longer match the checksums written with them"
+        )
     return {"config": config, "model_state": None, "optimizer_state": None, "progress": progress,
             "random_states": random_states, "sharded": path}
 
@@ -420,6 +422,12 @@ def load_sharded_state(ckpt, model, optimizer=None):
         set_model_state_dict(model, state["model"])
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _bytes_tensor(hex_text):
+    """A random state written as hex text, back as the 1-D uint8 tensor torch takes."""
+    data = bytearray.fromhex(hex_text)
+    return torch.frombuffer(data, dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
 
 
 def _file_sha256(path):

@@ -315,7 +315,8 @@ def _trainer(args, device, text, context, say):
 
 def add_sample_arguments(p):
     p.add_argument("--ckpt", default="out",
-                   help=f"a checkpoint ({CHECKPOINT_NAME}, or a sharded {SHARDED_NAME} folder), or the folder holding it")
+                   help=f"a checkpoint ({CHECKPOINT_NAME}, or a sharded {SHARDED_NAME} folder), "
+                        "or the folder holding it")
     p.add_argument("--prompt", default="def ")
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")

@@ -24,7 +24,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from fastgpt.checkpoint import CheckpointError, load_sharded_state, restore_model, save_checkpoint, save_sharded_checkpoint
+from fastgpt.checkpoint import (
+    CheckpointError,
+    load_sharded_state,
+    restore_model,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from fastgpt.distributed import SINGLE, shard
 from fastgpt.nn import GPT, GPTConfig
 
