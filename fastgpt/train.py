@@ -361,6 +361,11 @@ class Trainer:
                             self.save(checkpoint_file)
             except KeyboardInterrupt:  # raised by code between steps; signals are handled by ``stop``
                 bar.close()
+                if self.cfg.fsdp:  # raised on this rank alone: a sharded save, a collective, would wait for the others
+                    kept = "no checkpoint" if self.saved_step is None else f"the checkpoint of step {self.saved_step}"
+                    log(f"interrupted at step {self.step}; not saved (every rank writes a sharded checkpoint), "
+                        f"{kept} is kept")
+                    raise
                 self._save_interrupted(checkpoint_file, log)
                 raise
             except TrainingDiverged as exc:
