@@ -354,3 +354,43 @@ def test_attention_decode_reads_kv_once_per_group():
     assert "reinterpret_cast<const uint4*>(row + first)" in source
     for rows in ("1", "2", "4", "kDecodeMaxTileRows"):
         assert f"launch_split<T, D, {rows}>" in source
+
+
+# kernel<<<grid, block, smem, stream>>>(args) -> cuda_on_cpu::launch({grid, block, smem, stream}, kernel, args)
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+EMULATED_SOURCES = ("add_layer_norm.cu", "attention_decode.cu")
+
+
+def test_kernels_run_on_cpu_emulation(tmp_path):
+    """The add+LN backward and the decode, run by tests/cuda_on_cpu (fibers for CUDA threads, random
+    order between barriers) through their launchers: float64 references and same bits across orders."""
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("needs a C++ compiler (g++)")
+    cuda_include = _cuda_include_dir()
+    if cuda_include is None:
+        pytest.skip("needs the CUDA toolkit headers (cuda_fp16.h)")
+    here = ROOT / "tests" / "cuda_on_cpu"
+    flags = ["-std=c++17", "-O1", f"-I{cuda_include}", f"-I{here}", f"-I{CUDA_DIR}"]
+    units = [here / "check_kernels.cpp"]
+    for name in EMULATED_SOURCES:
+        source = (CUDA_DIR / name).read_text()
+        launches = len(_LAUNCH.findall(source))
+        assert launches == source.count("<<<"), f"{name}: a launch the rewrite does not recognize"
+        unit = tmp_path / (name + ".cpp")
+        unit.write_text('#include "cuda_on_cpu.h"\n' + _LAUNCH.sub(
+            lambda m: f"::cuda_on_cpu::launch(::cuda_on_cpu::LaunchConfig{{{m.group(2)}}}, {m.group(1)}, ", source))
+        units.append(unit)
+    objects = []
+    for unit in units:
+        obj = tmp_path / (unit.name + ".o")
+        build = subprocess.run([compiler, *flags, "-c", str(unit), "-o", str(obj)], capture_output=True, text=True,
+                               timeout=600)
+        assert build.returncode == 0, f"{unit.name}:\n{build.stderr[-3000:]}"
+        objects.append(str(obj))
+    binary = tmp_path / "check_kernels"
+    link = subprocess.run([compiler, *objects, "-o", str(binary)], capture_output=True, text=True, timeout=300)
+    assert link.returncode == 0, link.stderr[-3000:]
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.stdout.strip().endswith("0 failures")
