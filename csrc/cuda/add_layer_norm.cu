@@ -96,6 +96,15 @@ __device__ __forceinline__ void store_chunk_any(void* base, DType dtype, int64_t
   }
 }
 
+// Rounds values to what a tensor of `dtype` stores (h: the statistics are those of h as stored).
+__device__ __forceinline__ void round_chunk_to(DType dtype, float (&values)[kChunk]) {
+  if (dtype == DType::kFloat32) return;
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i)
+    values[i] = dtype == DType::kFloat16 ? __half2float(__float2half_rn(values[i]))
+                                         : __bfloat162float(__float2bfloat16_rn(values[i]));
+}
+
 // ---------------------------------------------------------------- reductions
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -144,7 +153,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) add_layer_norm_forward_kern
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= rows) return;  // a whole warp (warp mode) or the whole block (block mode, grid == rows)
 
-  // pass 1: h = x + residual (fp32 sum, stored in h's dtype), row sum
+  // pass 1: h = x + residual (fp32 sum, rounded to h's dtype as stored), row sum
   float hv[K][kChunk];
   float sum = 0.0f;
 #pragma unroll
@@ -156,10 +165,10 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) add_layer_norm_forward_kern
       load_chunk(x + row * x_row_stride + col, valid, vec, hv[k]);
       load_chunk_any(residual, residual_dtype, row * residual_row_stride + col, valid, vec, r);
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) {
-        hv[k][i] += r[i];  // both zero past the row end
-        sum += hv[k][i];
-      }
+      for (int i = 0; i < kChunk; ++i) hv[k][i] += r[i];  // both zero past the row end
+      round_chunk_to(h_dtype, hv[k]);
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) sum += hv[k][i];
       store_chunk_any(h, h_dtype, row * n + col, valid, vec, hv[k]);
     } else {
 #pragma unroll

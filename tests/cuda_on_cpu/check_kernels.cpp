@@ -43,6 +43,59 @@ bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(T) * a.size()) == 0;
 }
 
+// ---------------------------------------------------------------- add + LayerNorm forward
+
+// x in T, residual and h in R (T or fp32), fp32 parameters
+template <typename T, typename R>
+void check_add_layer_norm_forward(const char* what, int64_t rows, int64_t n, bool is_rms_norm) {
+  std::mt19937 random(unsigned(rows * 17 + n));
+  std::normal_distribution<float> normal;
+  std::vector<T> x(rows * n);
+  std::vector<R> residual(rows * n);
+  std::vector<float> weight(n), bias(n);
+  for (auto& v : x) v = from<T>(normal(random));
+  for (auto& v : residual) v = from<R>(normal(random) + 0.5f);
+  for (auto& v : weight) v = 1 + 0.3f * normal(random);
+  for (auto& v : bias) v = 0.1f * normal(random);
+  std::vector<T> y(rows * n, poison<T>());
+  std::vector<R> h(rows * n, poison<R>());
+  std::vector<float> mean(rows, NAN), rstd(rows, NAN);
+  const float eps = 1e-5f;
+  const cudaError_t err = add_layer_norm_forward(x.data(), dtype_of<T>(), n, residual.data(), dtype_of<R>(), n,
+                                                 weight.data(), is_rms_norm ? nullptr : bias.data(), y.data(), h.data(),
+                                                 dtype_of<R>(), mean.data(), rstd.data(), rows, n, eps, is_rms_norm,
+                                                 nullptr);
+  if (err != cudaSuccess) {
+    ++failures;
+    std::printf("FAIL %s: launcher returned %d\n", what, int(err));
+    return;
+  }
+  std::vector<double> y_ref(rows * n), h_ref(rows * n), mean_ref(rows), rstd_ref(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0, squares = 0;
+    for (int64_t c = 0; c < n; ++c) {
+      h_ref[r * n + c] = double(as_float(x[r * n + c])) + as_float(residual[r * n + c]);
+      sum += as_float(from<R>(float(h_ref[r * n + c])));  // statistics of h as stored
+    }
+    mean_ref[r] = is_rms_norm ? 0 : sum / n;
+    for (int64_t c = 0; c < n; ++c) {
+      const double centered = as_float(from<R>(float(h_ref[r * n + c]))) - mean_ref[r];
+      squares += centered * centered;
+    }
+    rstd_ref[r] = 1 / std::sqrt(squares / n + eps);
+    for (int64_t c = 0; c < n; ++c)
+      y_ref[r * n + c] = (as_float(from<R>(float(h_ref[r * n + c]))) - mean_ref[r]) * rstd_ref[r] * weight[c] +
+                         (is_rms_norm ? 0 : bias[c]);
+  }
+  const double tolerance = std::is_same<T, float>::value ? 1e-5 : 4e-3;
+  check_close(what, "y", y, y_ref, tolerance);
+  check_close(what, "h", h, h_ref, std::is_same<R, float>::value ? 1e-6 : 4e-3);
+  check_close(what, "mean", mean, mean_ref, 1e-5);
+  check_close(what, "rstd", rstd, rstd_ref, 1e-5);
+  std::printf("add_layer_norm_forward %s: rows=%lld n=%lld ok so far (%d failures)\n", what, (long long)rows,
+              (long long)n, failures);
+}
+
 // ---------------------------------------------------------------- add + LayerNorm backward
 
 template <typename T, typename P>
@@ -197,6 +250,10 @@ void check_decode(const char* what, int64_t batch, int64_t heads, int64_t kv_hea
 }
 
 int main() {
+  // add + LayerNorm forward: warp rows and block rows (one row of T threads per block)
+  check_add_layer_norm_forward<__half, float>("fp16 n=768 fp32 residual", 9, 768, false);
+  check_add_layer_norm_forward<float, float>("fp32 n=100", 7, 100, false);
+  check_add_layer_norm_forward<__nv_bfloat16, __nv_bfloat16>("bf16 n=3000 rms", 5, 3000, true);
   // add + LayerNorm backward: warp rows (K = 1, 2, 4), multi-warp rows (T = 64, 96), ragged sizes
   check_add_layer_norm_backward<float, float>("fp32 n=100 dh", 37, 100, false, true, 2);
   check_add_layer_norm_backward<__half, float>("fp16 n=768 rms", 50, 768, true, false, 2);
