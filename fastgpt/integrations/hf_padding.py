@@ -85,22 +85,24 @@ def _read(mask, batch, seq_q, seq_k, window_left):
     allowed = _allowed_entries(mask, batch, seq_q, seq_k)
     if allowed is None:
         return None
+    seen_by_any_sequence = allowed.any(dim=0)  # (seq_q, seq_k)
+    columns_seen = seen_by_any_sequence.any(dim=0)
+    if not columns_seen.any():  # no query sees any key: rows of zeros, as SDPA gives; nothing to run
+        return None
+    # the causal edge d = max(k - q) over the allowed entries: in a causal mask each key is first
+    # seen by row k - d (or row 0); a d read wrong only makes the comparison below fail
+    first_row = seen_by_any_sequence.view(torch.uint8).argmax(dim=0)
+    d = int((torch.arange(seq_k, device=mask.device) - first_row)[columns_seen].max())
     key_seen = allowed.any(dim=1)  # (batch, seq_k): keys some query sees
-    count = key_seen.sum(dim=1)
     start = key_seen.to(torch.uint8).argmax(dim=1)  # the first key seen (0 when none)
-    end = start + count  # the span is contiguous: the comparison below proves it
-    offsets = torch.arange(seq_k, device=mask.device) - torch.arange(seq_q, device=mask.device)[:, None]  # k - q
-    no_entry = -(seq_q + seq_k)
-    diagonal = torch.where(allowed.any(dim=0), offsets, no_entry).amax()  # the causal edge: max(k - q) allowed
-    keys = torch.arange(seq_k, device=mask.device)
-    rebuilt = (keys >= start[:, None, None]) & (keys < end[:, None, None]) & (offsets <= diagonal)
+    end = start + key_seen.sum(dim=1)  # the span is contiguous: the comparison below proves it
+    keys, rows = torch.arange(seq_k, device=mask.device), torch.arange(seq_q, device=mask.device)[:, None]
+    band = keys <= rows + d
     if window_left is not None:
-        rebuilt &= offsets >= diagonal - window_left
-    if not torch.equal(rebuilt, allowed):
+        band &= keys >= rows + (d - window_left)
+    if not torch.equal((keys >= start[:, None, None]) & (keys < end[:, None, None]) & band, allowed):
         return None
-    starts, ends, (d,) = start.tolist(), end.tolist(), [diagonal.item()]
-    if d == no_entry:  # no query sees any key: rows of zeros, as SDPA gives; nothing to accelerate
-        return None
+    starts, ends = start.tolist(), end.tolist()
     if mask.dtype != torch.bool and any(s - d > 0 or s == e for s, e in zip(starts, ends)):
         # a float mask's fully masked row is the kernel's choice in SDPA (fp32 CPU averages every
         # value), not zeros: those calls stay on SDPA

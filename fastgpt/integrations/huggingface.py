@@ -1,18 +1,18 @@
 """fastgpt as a Hugging Face transformers attention implementation: ``attn_implementation="fastgpt"``.
 
-Tested with transformers 5.24. Registration needs 4.53 or later (the first with
-``AttentionMaskInterface``); with 4.53.3 some models (GPT-2, static caches) always pass a mask, so
-they run on SDPA. ``import fastgpt``
-registers the name as soon as transformers is imported (or at once, when it already was), without
-importing transformers itself; ``register()`` does it explicitly.
+Tested with transformers 5.24.0 and 4.53.3 (registration needs 4.53 or later, the first with
+``AttentionMaskInterface``). ``import fastgpt`` registers the name as soon as transformers is
+imported (or at once, when it already was), without importing transformers itself; ``register()``
+does it explicitly.
 
 transformers hands each attention layer q ``(batch, heads, seq_q, head_dim)`` and k/v
 ``(batch, kv_heads, seq_k, head_dim)`` and expects ``(batch, seq_q, heads, head_dim)`` back. fastgpt
-uses the same masks as ``"sdpa"``, so a batch without padding arrives with ``attention_mask=None``
-and runs on ``fastgpt.ops.attention`` (GQA without repeating K/V). Everything fastgpt cannot run yet
-— a mask tensor (padding, packed sequences, a sliding window that masks a key), dropout,
-``softcap``, position biases, attention sinks — goes to transformers' own SDPA function unchanged, so the
-answer is the one ``"sdpa"`` gives.
+uses the same masks as ``"sdpa"``: a batch without padding arrives with ``attention_mask=None`` and
+runs on ``fastgpt.ops.attention`` (GQA without repeating K/V); a mask that is exactly causal + key
+padding (+ the layer's sliding window) runs on fastgpt's variable-length path (``hf_padding``).
+``sliding_window`` W is fastgpt's ``window=(W - 1, 0)`` and ``softcap`` its ``softcap``. Everything
+else — other masks, dropout, position biases, attention sinks, a compiled graph's masks — goes to
+transformers' own SDPA function unchanged, so the answer is the one ``"sdpa"`` gives.
 """
 
 import importlib.abc
