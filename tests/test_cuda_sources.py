@@ -3,6 +3,9 @@
 No machine that runs the tests has a GPU, so these checks keep csrc/cuda honest: the .cu
 files include no torch header (they must compile with plain ``nvcc -c``), they compile for
 sm_80 and sm_90 with no register spills in the main kernels, and the torch-side bindings parse.
+The plain-C++ rules the kernels share with the host (add_layer_norm_schedule.h,
+attention_decode_plan.h) are compiled with g++ and checked, and the add+LayerNorm and decode
+kernels themselves run on the CPU under tests/cuda_on_cpu against float64.
 """
 
 import os
