@@ -365,7 +365,9 @@ STRUCTURED = {
 
 
 @pytest.mark.parametrize("case", STRUCTURED)
-def test_causal_padding_masks_run_on_fastgpt_and_match_sdpa(case, attention_calls, varlen_attention_calls, sdpa_fallbacks):
+def test_causal_padding_masks_run_on_fastgpt_and_match_sdpa(
+    case, attention_calls, varlen_attention_calls, sdpa_fallbacks
+):
     starts, ends, diagonal, seq_q, seq_k, window_left = STRUCTURED[case]
     mask = structured_mask(starts, ends, diagonal, seq_q, seq_k, window_left)
     sliding_window = None if window_left is None else window_left + 1
@@ -388,14 +390,16 @@ def test_additive_float_masks_read_as_boolean(case, varlen_attention_calls, sdpa
 
 def packed_sequences_mask():
     block = torch.tensor([0] * 5 + [1] * 7)  # two sequences packed in one row: block-diagonal causal
-    return (structured_mask([0], [12], 0, 12, 12) & (block[:, None] == block[None, :]))
+    return structured_mask([0], [12], 0, 12, 12) & (block[:, None] == block[None, :])
 
 
 OTHER_MASKS = {
-    "packed sequences": lambda: packed_sequences_mask(),
+    "packed sequences": packed_sequences_mask,
     "random": lambda: torch.rand(2, 1, 12, 12) > 0.5,
-    "a hole in the padding": lambda: structured_mask([0, 0], [12, 12], 0, 12, 12).index_fill(3, torch.tensor([4]), False),
-    "bidirectional window": lambda: structured_mask([0], [12], 2, 12, 12, window_left=4),
+    "a hole in the padding": lambda: structured_mask([0, 0], [12, 12], 0, 12, 12).index_fill(
+        3, torch.tensor([4]), False
+    ),
+    "a look-ahead window the kwargs do not name": lambda: structured_mask([0], [12], 2, 12, 12, window_left=4),
     "per-head mask": lambda: structured_mask([0, 3], [12, 12], 0, 12, 12).expand(2, HEADS, 12, 12),
     "a window the kwargs do not name": lambda: structured_mask([0, 3], [12, 12], 0, 12, 12, window_left=3),
 }
