@@ -85,17 +85,16 @@ def _read(mask, batch, seq_q, seq_k, window_left):
     allowed = _allowed_entries(mask, batch, seq_q, seq_k)
     if allowed is None:
         return None
-    seen_by_any_sequence = allowed.any(dim=0)  # (seq_q, seq_k)
-    columns_seen = seen_by_any_sequence.any(dim=0)
-    if not columns_seen.any():  # no query sees any key: rows of zeros, as SDPA gives; nothing to run
+    # What the numbers are read from matters for speed only: the comparison below decides. Without a
+    # window the last query row sees each sequence's whole span (keys past it no row sees); with
+    # one, the span is the keys any row sees (a full pass over the mask).
+    seen = allowed[:, -1] if window_left is None or seq_q == 1 else allowed.any(dim=1)  # (batch, seq_k)
+    count = seen.sum(dim=1)
+    if not count.any():  # no query sees any key: rows of zeros, as SDPA gives; nothing to run
         return None
-    # the causal edge d = max(k - q) over the allowed entries: in a causal mask each key is first
-    # seen by row k - d (or row 0); a d read wrong only makes the comparison below fail
-    first_row = seen_by_any_sequence.view(torch.uint8).argmax(dim=0)
-    d = int((torch.arange(seq_k, device=mask.device) - first_row)[columns_seen].max())
-    key_seen = allowed.any(dim=1)  # (batch, seq_k): keys some query sees
-    start = key_seen.to(torch.uint8).argmax(dim=1)  # the first key seen (0 when none)
-    end = start + key_seen.sum(dim=1)  # the span is contiguous: the comparison below proves it
+    start = seen.to(torch.uint8).argmax(dim=1)  # the first key seen (0 when none)
+    end = start + count  # the span is contiguous: the comparison proves it
+    d = _causal_edge(allowed, start, end)
     keys, rows = torch.arange(seq_k, device=mask.device), torch.arange(seq_q, device=mask.device)[:, None]
     band = keys <= rows + d
     if window_left is not None:
@@ -108,6 +107,19 @@ def _read(mask, batch, seq_q, seq_k, window_left):
         # value), not zeros: those calls stay on SDPA
         return None
     return _plan_rows(starts, ends, d, seq_q, seq_k, window_left, mask.device)
+
+
+def _causal_edge(allowed, start, end):
+    """The diagonal d of "query q sees keys up to q + d": a causal mask's first row to see a
+    sequence's last key ``end - 1`` is ``end - 1 - d``. Where every sequence's first row already
+    sees it, every d >= max(end) - 1 describes the same mask."""
+    last_key = (end - 1).clamp(min=0)
+    column = allowed[torch.arange(allowed.shape[0], device=allowed.device), :, last_key]  # (batch, seq_q)
+    first_row = column.to(torch.uint8).argmax(dim=1)
+    telling = (end > start) & (first_row > 0)
+    if telling.any():
+        return int((last_key - first_row)[telling].max())
+    return int(end.max()) - 1
 
 
 def _allowed_entries(mask, batch, seq_q, seq_k):
