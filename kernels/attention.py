@@ -244,8 +244,8 @@ CAUSAL = Variant(causal=True)
 _AOT_VARIANTS = (
     Variant(causal=True, window=(512, 0), softcap=50.0),
     Variant(causal=False, window=(512, 64), softcap=50.0,
-            cu_seqlens_q=_meta(_AOT_BATCH + 1, dtype=torch.int32), cu_seqlens_k=_meta(_AOT_BATCH + 1, dtype=torch.int32),
-            max_seqlen_q=_AOT_SEQ, max_seqlen_k=_AOT_SEQ),
+            cu_seqlens_q=_meta(_AOT_BATCH + 1, dtype=torch.int32),
+            cu_seqlens_k=_meta(_AOT_BATCH + 1, dtype=torch.int32), max_seqlen_q=_AOT_SEQ, max_seqlen_k=_AOT_SEQ),
 )
 
 

@@ -4,20 +4,22 @@ of one head and streams the key/value tiles of its kv head past them with an onl
 so the ``seq_q × seq_k`` score matrix never exists. It saves ``lse``, the natural-log
 log-sum-exp of each query row.
 
-One loop visits only the key tiles that intersect what the query block may see ([lo, hi) from the
-causal mask and the sliding window, so a window's cost grows with the window, not the sequence);
-a per-tile test applies the mask only to tiles that cross an edge of that range (the diagonal, a
-window's left edge, the end of the keys). Variants are compile-time switches: CAUSAL and WINDOW
-(runtime ``window_left``/``window_right``, the host turning an unbounded side into a bound no key
-reaches), SOFTCAP (``softcap · tanh(score · scale / softcap)`` before the mask), and VARLEN (packed
-sequences: a program reads its sequence's offsets from ``cu_seqlens_q``/``cu_seqlens_k``). The
-key-tile loop and the epilogue are shared with the decode kernel.
+A query block visits only the key tiles that intersect what its rows may see ([lo, hi) from the
+causal mask and the sliding window, so a window's cost grows with the window, not the sequence),
+and masks only the tiles that cross an edge of that range (a window's left edge, the diagonal, the
+end of the keys): the tiles before the unmasked run, the run, and the tiles after it are three
+loops specialized at compile time (``forward_visible_tiles`` says why not one). Variants are
+compile-time switches: CAUSAL and WINDOW (runtime ``window_left``/``window_right``, the host
+turning an unbounded side into a bound no key reaches), SOFTCAP (``softcap · tanh(score · scale /
+softcap)`` before the mask), and VARLEN (packed sequences: a program reads its sequence's offsets
+from ``cu_seqlens_q``/``cu_seqlens_k``). The key-tile loops and the epilogue are shared with the
+decode kernel.
 """
 
 import triton
 import triton.language as tl
 
-from .attention_configs import autotuned, launch, seq_bucket, shape_constexprs, strides
+from .attention_configs import autotuned, launch, seq_bucket, shape_constexprs
 from .tiles import load_tile, store_tile, tile_pointers
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2(e))
