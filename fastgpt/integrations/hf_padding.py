@@ -112,7 +112,8 @@ def _read(mask, batch, seq_q, seq_k, window_left):
 def _causal_edge(allowed, start, end):
     """The diagonal d of "query q sees keys up to q + d": a causal mask's first row to see a
     sequence's last key ``end - 1`` is ``end - 1 - d``. Where every sequence's first row already
-    sees it, every d >= max(end) - 1 describes the same mask."""
+    sees it, every d >= max(end) - 1 describes the same causal mask (a window may not: the
+    comparison then refuses it)."""
     last_key = (end - 1).clamp(min=0)
     column = allowed[torch.arange(allowed.shape[0], device=allowed.device), :, last_key]  # (batch, seq_q)
     first_row = column.to(torch.uint8).argmax(dim=1)
