@@ -78,9 +78,14 @@ def attention_forward(q, k, v, causal, scale, *, window=None, softcap=0.0):
     o = torch.empty((batch, heads, seq_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     q, scale = _scores_scale(q, scale)
-    plan = decode_plan(batch, kv_heads, heads // kv_heads, seq_q, seq_k, head_dim, q)
+    # keys before the first query's window are seen by no query: decoding drops them before it
+    # splits the keys across programs, so the splits share the window rather than the whole cache
+    # (the mask is relative to the last key, so it is unchanged; 16 rows keep the view's alignment)
+    unseen = 0 if window is None or window[0] < 0 else max(seq_k - seq_q - window[0], 0) // 16 * 16
+    plan = decode_plan(batch, kv_heads, heads // kv_heads, seq_q, seq_k - unseen, head_dim, q)
     with on_device(q):
         if plan is not None:
+            k, v = k[:, :, unseen:], v[:, :, unseen:]
             for launch in decode_launches(q, k, v, o, lse, scale, variant, plan):
                 launch.run()
         else:

@@ -1,7 +1,7 @@
 """Inputs the Triton kernels must take or decline honestly: weight and bias of any stride
 (a slice, an expanded stride-0 vector), dtypes they cannot compute where they run, and the edges
-of the attention variants (key splits a window leaves empty, a negative or zero scale under a soft
-cap, packed batches without keys or queries)."""
+of the attention variants (decoding under a window or a soft cap, a negative or zero scale under a
+soft cap, packed batches without keys or queries)."""
 
 import pytest
 import torch
@@ -109,10 +109,12 @@ def test_attention_takes_a_negative_or_zero_scale(scale, seq_q, seq_k):
     assert (lse[~seen] == float("-inf")).all()
 
 
-@pytest.mark.parametrize("window, softcap", [((20, 0), 0.0), ((7, 0), 2.0), (None, 1.5)])
-def test_decode_with_a_window_or_a_cap_across_key_splits(window, softcap):
-    """Decoding against a long cache splits the keys across programs; with a window most splits see
-    no key (their partial lse is -inf) and the merge must weigh them 0."""
+@pytest.mark.parametrize("causal, window, softcap", [(True, (20, 0), 0.0), (True, (7, 0), 2.0), (True, None, 1.5),
+                                                     (False, (150, 3), 0.0)])
+def test_decode_with_a_window_or_a_cap(causal, window, softcap):
+    """Decoding against a long cache: the keys before the window are dropped (the rest is split
+    across programs as usual, with a soft cap across several splits), the mask stays aligned to
+    the last key."""
     _skip_unless_triton()
     kernels = pytest.importorskip("fastgpt.kernels.attention")
     from fastgpt.kernels.attention_decode import decode_plan
@@ -120,10 +122,9 @@ def test_decode_with_a_window_or_a_cap_across_key_splits(window, softcap):
     generator = torch.Generator().manual_seed(len(str(window)))
     q = torch.randn(1, 4, 2, 16, generator=generator)
     k, v = (torch.randn(1, 2, 200, 16, generator=generator) for _ in range(2))
-    plan = decode_plan(1, 2, 2, 2, 200, 16, q)
-    assert plan is not None and plan.splits > 1
-    o, lse = kernels.attention_forward(q, k, v, True, 0.3, window=window, softcap=softcap)
-    o_ref, lse_ref = attention_float64(q, k, v, True, 0.3, window, softcap)
+    assert decode_plan(1, 2, 2, 2, 200, 16, q).splits > 1
+    o, lse = kernels.attention_forward(q, k, v, causal, 0.3, window=window, softcap=softcap)
+    o_ref, lse_ref = attention_float64(q, k, v, causal, 0.3, window, softcap)
     assert_close("o", o, o_ref, torch.float32)
     assert_close("lse", lse, lse_ref, torch.float32)
 
