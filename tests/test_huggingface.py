@@ -265,6 +265,23 @@ def test_sliding_window_runs_on_fastgpt(side, attention_calls, varlen_attention_
     assert sdpa_fallbacks == []
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_qwen_left_padded_batch_runs_on_fastgpt(kind, attention_calls, varlen_attention_calls, sdpa_fallbacks):
+    # Qwen2 with a window on its second layer only (use_sliding_window, max_window_layers=1); Qwen3
+    # (q/k norms, no window)
+    config_class = transformers.Qwen2Config if kind == "qwen2" else transformers.Qwen3Config
+    window = dict(use_sliding_window=True, sliding_window=4, max_window_layers=1) if kind == "qwen2" else {}
+    fast, sdpa = same_weights(config_class(**CONFIGS["llama"][1], head_dim=16, **window))
+    ids, mask = padded_batch("left", batch=4)
+    assert relative_error(fast(ids, attention_mask=mask).logits, sdpa(ids, attention_mask=mask).logits) < 1e-4
+    assert len(varlen_attention_calls) == LAYERS
+    options = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(fast.generate(ids, **options), sdpa.generate(ids, **options))
+    # every decode step's queries on fastgpt: per sequence, or together once the window has left
+    # the padding behind (every sequence then holds the same keys)
+    assert sdpa_fallbacks == [] and sum(shape[0] for shape in attention_calls) == LAYERS * 5 * 4
+
+
 def test_sliding_window_with_right_padding_goes_to_sdpa(varlen_attention_calls, sdpa_fallbacks):
     # rows past a sequence's end see its last `window` keys: not a mask varlen_attention has
     fast, sdpa = mistral(window=4)
