@@ -27,7 +27,7 @@
 // A call attends within Sequences: the batch of a dense call, or the packed sequences of a varlen
 // call ((total, heads, head_dim) tensors read as (1, heads, total, head_dim) views, each sequence
 // a range of rows given by cu_seqlens). Parallelism, with tasks handed out dynamically: the
-// forward over (sequence, query block) x heads, the largest first; the backward over sequences x
+// forward over (sequence, head, query block), the last blocks of each first; the backward over sequences x
 // kv_heads x (a fixed number of splits of each sequence's key blocks).
 // A backward task owns dK/dV of its key blocks and accumulates dQ into the fp32 partial buffer
 // of its split (with one split and fp32 q, into dQ itself); the partials are summed in split
@@ -238,23 +238,24 @@ void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at:
   const Heads q_heads(q), k_heads(k), v_heads(v);
   const Rows<char> out_rows = output_rows(out);
 
-  // work items: (sequence, query block), the ones that see the most keys first, so that the
-  // dynamic task loop ends with small tasks
+  // work items (sequence, head, query block), in that order with the last query blocks (which see
+  // the most keys under a causal mask) first: a thread taking consecutive items reuses the K/V rows
+  // of one head from its cache, and the dynamic task loop ends with small items
   struct Item {
-    int64_t sequence, first_query, block_q, keys;
+    int64_t sequence, head, first_query, block_q;
   };
   std::vector<Item> items;
   for (int64_t s = 0; s < static_cast<int64_t>(sequences.size()); ++s) {
-    const Mask mask = variants.mask(sequences[s]);
-    for (int64_t first_query = 0; first_query < sequences[s].seq_q; first_query += kForwardBlockQ) {
-      const int64_t block_q = std::min(kForwardBlockQ, sequences[s].seq_q - first_query);
-      const int64_t keys = mask.keys_of(first_query + block_q - 1).end - mask.keys_of(first_query).begin;
-      items.push_back({s, first_query, block_q, keys});
+    const int64_t query_blocks = (sequences[s].seq_q + kForwardBlockQ - 1) / kForwardBlockQ;
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t block = query_blocks - 1; block >= 0; --block) {
+        const int64_t first_query = block * kForwardBlockQ;
+        items.push_back({s, h, first_query, std::min(kForwardBlockQ, sequences[s].seq_q - first_query)});
+      }
     }
   }
-  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.keys > b.keys; });
 
-  const int64_t tasks = static_cast<int64_t>(items.size()) * heads;
+  const int64_t tasks = static_cast<int64_t>(items.size());
   run_tasks_dynamically(tasks, [&](const auto& next_task) {
     std::vector<Elem> q_tile(kForwardBlockQ * head_dim), k_tile(kForwardBlockK * head_dim),
         v_tile(kForwardBlockK * head_dim);
@@ -262,8 +263,8 @@ void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at:
         row_max(kForwardBlockQ), row_sum(kForwardBlockQ);
     std::vector<Elem> probs = operand_buffer<Elem>(kForwardBlockQ * kForwardBlockK);
     for (int64_t task = next_task(); task < tasks; task = next_task()) {
-      const Item& item = items[task / heads];
-      const int64_t h = task % heads, first_query = item.first_query, block_q = item.block_q;
+      const Item& item = items[task];
+      const int64_t h = item.head, first_query = item.first_query, block_q = item.block_q;
       const Sequence& seq = sequences[item.sequence];
       const Mask mask = variants.mask(seq);
       // keys outside what the block's rows see are never loaded
