@@ -149,17 +149,20 @@ def test_what_fastgpt_does_not_compute_gets_sdpa_s_answer(option, attention_call
     seq_k = SEQ - 5 if option.pop("kv_shorter", False) else SEQ
     q, k, v = torch.randn(1, 4, SEQ, 16), torch.randn(1, 2, seq_k, 16), torch.randn(1, 2, seq_k, 16)
     module.num_key_value_groups = 2
-    outcomes = []
-    for forward in (fastgpt._huggingface.attention_forward, sdpa_attention_forward):
-        try:
-            outcomes.append(forward(module, q, k, v, None, **option)[0])
-        except ValueError as exc:  # an option SDPA refuses: so must fastgpt
-            outcomes.append(str(exc))
-    if isinstance(outcomes[1], str):
-        assert outcomes[0] == outcomes[1]
-    else:
-        assert torch.equal(outcomes[0], outcomes[1])
-    assert attention_calls == []
+    ours, theirs = (
+        forward(module, q, k, v, None, **option)[0]
+        for forward in (fastgpt._huggingface.attention_forward, sdpa_attention_forward)
+    )
+    assert torch.equal(ours, theirs) and attention_calls == []
+
+
+def test_soft_capped_call_fastgpt_cannot_run_raises(varlen_attention_calls, sdpa_fallbacks):
+    # 5.24's SDPA raises for softcap itself; 4.53's would silently drop it: fastgpt raises on both
+    q, k, v = torch.randn(1, 4, SEQ, 16), torch.randn(1, 2, SEQ, 16), torch.randn(1, 2, SEQ, 16)
+    packed = (torch.arange(SEQ)[:, None] // 8 == torch.arange(SEQ)[None, :] // 8).tril()[None, None]
+    with pytest.raises(ValueError, match="attn_implementation=.eager"):
+        fastgpt._huggingface.attention_forward(gqa_module(), q, k, v, packed, softcap=30.0)
+    assert sdpa_fallbacks == varlen_attention_calls == []
 
 
 # ----------------------------------------------------------------------------- padded batches
