@@ -7,7 +7,10 @@ implementations, says which inputs they cannot run (from the limits the extensio
 never fails: without the extension ``available()`` says why.
 
 The extension has no CUDA kernel for the attention backward: on CUDA tensors it runs Triton's
-(or, without Triton, the reference's), and ``available()`` says so.
+(or, without Triton, the reference's), and ``available()`` says so. The attention variants the
+registry declares for this backend (sliding window, soft cap, packed sequences) are CPU kernels
+(``native_attention_variants_*``, ``native_varlen_attention_*``); on CUDA tensors
+``attention_variants_unsupported`` declines them.
 """
 
 import functools
