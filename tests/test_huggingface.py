@@ -381,6 +381,8 @@ STRUCTURED = {
     "window, left padded": ([0, 5, 2], [14, 14, 14], 0, 14, 14, 3),
     "window, decode": ([0, 6], [12, 12], 11, 1, 12, 4),
     "empty sequence": ([0, 0], [9, 0], 0, 9, 9, None),
+    "bidirectional with padding (an encoder's mask)": ([0, 0, 3], [12, 7, 12], 11, 12, 12, None),
+    "cross-attention with padded keys": ([0, 2], [20, 15], 19, 6, 20, None),
 }
 
 
