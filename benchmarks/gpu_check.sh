@@ -6,9 +6,10 @@
 #
 #   benchmarks/gpu_check.sh [OUTDIR]        (OUTDIR defaults to $OUT)
 #
-# OUTDIR receives at most 6 files: gpu_check.log (every step's output), bench-cuda.json (all
-# measurements, one JSON), its plots bench-cuda-{attention,add_layer_norm,model}.png and summary.md — the
-# one-screen summary that is also printed last on stdout.
+# OUTDIR receives at most 7 files: gpu_check.log (every step's output), bench-cuda.json (all
+# measurements, one JSON), its plots bench-cuda-{attention,add_layer_norm,model}.png, window-cuda.json
+# (benchmarks/window_attention.py) and summary.md — the one-screen summary that is also printed last
+# on stdout.
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 465: whole script, seconds),
 # GPU_CHECK_SKIP (steps to leave out, e.g. "build tests") and GPU_CHECK_DEVICE=cpu rehearse the
 # script on a machine without a GPU.
@@ -102,6 +103,9 @@ for op_limit in attention:100 add_layer_norm:60 model:75; do
     op=${op_limit%%:*}
     step "bench-$op" "${op_limit##*:}" $PY -m fastgpt.bench --quick --device "$DEVICE" --op "$op" --out "$WORK/$op"
 done
+
+# 4b. a sliding window at 16k tokens against SDPA with the window as a mask (issue 15), quick: one case
+step window 60 $PY benchmarks/window_attention.py --device "$DEVICE" --quick --out "$OUTDIR/window-$DEVICE.json"
 
 # 5. one JSON, the plots, and the summary
 # (a bench step stopped by its timeout still leaves the JSON of what it measured, and is plotted here)
