@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from fastgpt import distributed
 from fastgpt.nn import GPT, GPTConfig
 
 FORMAT = "fastgpt-checkpoint-1"
@@ -377,17 +378,36 @@ def _load_manifest(path):
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path} has a damaged {MANIFEST} ({_first_line(exc)})") from exc
     _check_progress(path, progress)
-    present = set(os.listdir(path)) - {MANIFEST}
-    if present != set(files):
-        missing, extra = sorted(set(files) - present), sorted(present - set(files))
-        raise CheckpointError(f"{path} is damaged: files missing {missing}, files not in its manifest {extra}")
-    damaged = sorted(name for name in files if _file_sha256(os.path.join(path, name)) != files[name])
+    try:
+        identity = _folder_identity(path)
+        present = set(os.listdir(path)) - {MANIFEST}
+        if present != set(files):
+            missing, extra = sorted(set(files) - present), sorted(present - set(files))
+            raise CheckpointError(f"{path} is damaged: files missing {missing}, files not in its manifest {extra}")
+        damaged = sorted(name for name in files if _file_sha256(os.path.join(path, name)) != files[name])
+    except OSError as exc:
+        raise _replaced_while_read(path, exc) from exc
     if damaged:
         raise CheckpointError(
             f"{path} is damaged: {', '.join(damaged)} no longer match the checksums written with them"
         )
     return {"config": config, "model_state": None, "optimizer_state": None, "progress": progress,
-            "random_states": random_states, "sharded": path}
+            "random_states": random_states, "sharded": path, "sharded_identity": identity}
+
+
+def _folder_identity(path):
+    """What tells a folder from another renamed to the same path (a newer save published meanwhile)."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
+def _replaced_while_read(path, cause=None):
+    """The error of a sharded checkpoint that changed under a reader: a run saving into the same
+    folder published a newer one (the checksums and the shards read may then be of different saves)."""
+    detail = f" ({_first_line(cause)})" if cause is not None else ""
+    return CheckpointError(
+        f"{path} was replaced while being read{detail}: a run is saving into this folder; read it again"
+    )
 
 
 def load_sharded_state(ckpt, model, optimizer=None):
@@ -414,7 +434,13 @@ def load_sharded_state(ckpt, model, optimizer=None):
             warnings.filterwarnings("ignore", message=".*in a single process")
             dcp.load(state, checkpoint_id=path)
     except (dcp.CheckpointException, OSError, RuntimeError, ValueError, KeyError) as exc:
+        if distributed.is_collective_failure(exc):  # another rank went away: not the checkpoint's fault
+            raise
+        if not _unchanged(path, ckpt):
+            raise _replaced_while_read(path, exc) from exc
         raise CheckpointError(f"{path} does not fit the model ({_first_line(exc)})") from exc
+    if not _unchanged(path, ckpt):  # the shards read may not be the ones whose checksums were checked
+        raise _replaced_while_read(path)
     not_finite = _first_non_finite_shard(state)
     if not_finite is not None:
         raise CheckpointError(f"{path} holds NaN or inf values in {not_finite}")
@@ -424,6 +450,14 @@ def load_sharded_state(ckpt, model, optimizer=None):
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def _unchanged(path, ckpt):
+    """Whether the sharded folder ``ckpt`` was read from is still the one at ``path``."""
+    try:
+        return _folder_identity(path) == ckpt["sharded_identity"]
+    except OSError:
+        return False
+
+
 def _bytes_tensor(hex_text):
     """A random state written as hex text, back as the 1-D uint8 tensor torch takes."""
     data = bytearray.fromhex(hex_text)
@@ -431,8 +465,11 @@ def _bytes_tensor(hex_text):
 
 
 def _file_sha256(path):
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _first_non_finite_shard(state, prefix=""):

@@ -1,6 +1,7 @@
 """Checkpoints: round trips, atomic writes, clear errors for damaged files; the sharded kind (FSDP's,
 written here by one process; tests/test_distributed.py writes it from two ranks)."""
 
+import hashlib
 import os
 
 import pytest
@@ -9,7 +10,14 @@ import torch.distributed.checkpoint
 from tiny_training import tiny_trainer
 
 from fastgpt import checkpoint as checkpoint_module
-from fastgpt.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, save_sharded_checkpoint
+from fastgpt.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    load_sharded_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from fastgpt.distributed import SINGLE
 from fastgpt.nn import GPT, GPTConfig
 
@@ -145,3 +153,24 @@ def test_non_finite_weights_are_never_written_sharded(tmp_path):
     with pytest.raises(CheckpointError, match="token_embedding.weight holds NaN or inf"):
         save_sharded(trainer, str(tmp_path / "ckpt.dcp"))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_sharded_checkpoint_replaced_while_read_is_refused(tmp_path):
+    """A reader (fastgpt sample) that checked one save's checksums and then reads the shards of a
+    newer save published meanwhile under the same name must not load the mixture."""
+    trainer = tiny_trainer()
+    path = str(tmp_path / "ckpt.dcp")
+    save_sharded(trainer, path)
+    ckpt = load_checkpoint(path)  # checksums checked on this save
+    trainer.train_step()
+    save_sharded(trainer, path)  # a running job publishes a newer one under the same name
+    with pytest.raises(CheckpointError, match="replaced while being read"):
+        load_sharded_state(ckpt, tiny_trainer().model)
+    load_sharded_state(load_checkpoint(path), tiny_trainer().model)  # read again: fine
+
+
+def test_file_checksums_are_read_in_blocks(tmp_path):
+    """The manifest's SHA-256 of a file, without hashlib.file_digest (Python 3.11+; fastgpt takes 3.9)."""
+    data = os.urandom(3 * (1 << 20) + 17)
+    (tmp_path / "blob").write_bytes(data)
+    assert checkpoint_module._file_sha256(str(tmp_path / "blob")) == hashlib.sha256(data).hexdigest()
