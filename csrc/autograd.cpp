@@ -5,12 +5,15 @@
 // small inputs of a small model. The ops defined here do the same wiring in C++ (one dispatcher
 // call and one C++ autograd node), and fastgpt/native.py hands them to fastgpt.ops as the
 // backend's optional `*_with_autograd` entries (docs/architecture.md, the contract): plain
-// attention (fastgpt.ops wires the variants) and add+LayerNorm. The forward
-// and backward they run are the native ops themselves, called through the dispatcher, so CPU and
-// CUDA tensors each reach their own kernels; torch.compile never sees these ops (it calls the
-// torch.library custom ops of fastgpt/ops.py).
+// attention (fastgpt.ops wires the variants) and add+LayerNorm. The forward and backward they run
+// are the native ops themselves, called through the dispatcher, so each device reaches its own
+// kernels; native.py does not hand out the attention node where the extension has no CUDA
+// attention backward. torch.compile never sees these ops (it calls the torch.library custom ops of
+// fastgpt/ops.py). The kernel ops get autograd's "not implemented" kernel, so that differentiating
+// a backward raises instead of silently giving zeros.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -144,4 +147,13 @@ TORCH_LIBRARY_IMPL(fastgpt, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(fastgpt, Autograd, m) {
   m.impl("native_attention", &fastgpt::attention_with_autograd);
   m.impl("native_add_layer_norm", &fastgpt::add_layer_norm_with_autograd);
+  // The kernels themselves have no derivative: differentiating through them (a backward with
+  // create_graph=True, then another backward) raises "not implemented" instead of torch's default,
+  // a warning and silently zero gradients.
+  for (const char* op : {"native_attention_forward", "native_attention_backward", "native_attention_variants_forward",
+                         "native_attention_variants_backward", "native_varlen_attention_forward",
+                         "native_varlen_attention_backward", "native_add_layer_norm_forward",
+                         "native_add_layer_norm_backward"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }

@@ -101,3 +101,20 @@ def test_the_eager_ops_take_the_cpp_autograd():
     if "window" in fastgpt.registry.get("native").variants:
         o = ops.attention(q, k, v, window=(3, 0), backend="native")
         assert isinstance(o.grad_fn, torch.autograd.function.BackwardCFunction)
+
+
+@pytest.mark.parametrize("backend_call", ["attention", "attention-window", "add_layer_norm"])
+def test_differentiating_the_backward_raises_instead_of_zeros(backend_call):
+    """The native kernels have no second derivative: a backward through their backward (create_graph,
+    then grad again) raises, on the C++ node and on fastgpt.ops' Python path alike, instead of torch's
+    default for an op without autograd (a warning and silently zero gradients)."""
+    q, k, v = attention_inputs()
+    if backend_call == "add_layer_norm":
+        x = torch.randn(3, 40, requires_grad=True)
+        out, first = ops.add_layer_norm(x, torch.randn(3, 40), backend="native")[0], x
+    else:
+        window = (3, 0) if backend_call == "attention-window" else None
+        out, first = ops.attention(q, k, v, window=window, backend="native"), q
+    (grad,) = torch.autograd.grad((out**2).sum(), first, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for fastgpt::native_.*backward is not implemented"):
+        torch.autograd.grad(grad.sum(), first)
