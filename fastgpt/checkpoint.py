@@ -1,9 +1,10 @@
 """Checkpoints, of two kinds. A single process or DistributedDataParallel writes one safetensors file
 (``ckpt.safetensors``) holding the weights, the optimizer state, the random states and, as metadata,
-the model config and training progress. No pickle anywhere. FSDP writes a *sharded* checkpoint, a
-folder (``ckpt.dcp``) in which ``torch.distributed.checkpoint`` puts each rank's shards, plus a
-manifest (``fastgpt.json``: config, progress, random states, a SHA-256 of every file). Both kinds
-load in any number of processes, with or without FSDP, and in ``fastgpt sample``.
+the model config and training progress; no pickle. FSDP writes a *sharded* checkpoint, a folder
+(``ckpt.dcp``) in which ``torch.distributed.checkpoint`` puts each rank's shards and its index
+(``.metadata``, which DCP reads with pickle: load sharded checkpoints only from sources you trust),
+plus a manifest (``fastgpt.json``: config, progress, random states, a SHA-256 of every file). Both
+kinds load in any number of processes, with or without FSDP, and in ``fastgpt sample``.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed
 over the old one: a crash mid-write leaves the last good checkpoint in place (and a temporary file
