@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "alloc_output.h"
@@ -226,13 +227,83 @@ std::vector<Sequence> packed_sequences(const at::Tensor& cu_seqlens_q, const at:
 // (batch, heads, rows, head_dim) view of a packed (total, heads, head_dim) tensor
 at::Tensor heads_view(const at::Tensor& packed) { return packed.transpose(0, 1).unsqueeze(0); }
 
+// K and V of every (sequence, kv_head) of a bf16 call, laid out once for gemm_bf16_pairs (every query
+// block of the sequence's heads then multiplies them as they are): K^T in pairs of head dims, the b of
+// the scores (head_dim / 2 rows of keys_padded pairs), and V in pairs of keys, the b of the output
+// (keys_padded / 2 rows of head_dim pairs). keys_padded is the sequence's keys rounded up to even,
+// the padding key zero; the pairs of V start at the sequence's first key.
+class PairedKV {
+ public:
+  PairedKV(const at::Tensor& k, const at::Tensor& v, const std::vector<Sequence>& sequences)
+      : kv_heads_(k.size(1)), head_dim_(k.size(3)) {
+    int64_t total = 0;
+    for (const Sequence& seq : sequences) {
+      offsets_.push_back(total);
+      total += kv_heads_ * 2 * padded(seq.seq_k) * head_dim_;
+    }
+    storage_.reset(new c10::BFloat16[total]);  // every element is written below
+    const Heads k_heads(k), v_heads(v);
+    const int64_t units = static_cast<int64_t>(sequences.size()) * kv_heads_;
+    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const Sequence& seq = sequences[unit / kv_heads_];
+        const int64_t kvh = unit % kv_heads_;
+        lay_out(k_heads, v_heads, seq, kvh, const_cast<c10::BFloat16*>(keys(unit / kv_heads_, kvh, seq)));
+      }
+    });
+  }
+
+  // K^T of (sequence, kv_head) from key 0, row stride keys_ld(seq) elements
+  const c10::BFloat16* keys(int64_t sequence, int64_t kvh, const Sequence& seq) const {
+    return storage_.get() + offsets_[sequence] + kvh * 2 * padded(seq.seq_k) * head_dim_;
+  }
+  static int64_t keys_ld(const Sequence& seq) { return 2 * padded(seq.seq_k); }
+
+  // V of (sequence, kv_head) from key 0 (pairs: start at an even key), row stride values_ld()
+  const c10::BFloat16* values(int64_t sequence, int64_t kvh, const Sequence& seq) const {
+    return keys(sequence, kvh, seq) + padded(seq.seq_k) * head_dim_;
+  }
+  int64_t values_ld() const { return 2 * head_dim_; }
+
+ private:
+  static int64_t padded(int64_t keys) { return keys + keys % 2; }
+
+
+  void lay_out(const Heads& k_heads, const Heads& v_heads, const Sequence& seq, int64_t kvh,
+               c10::BFloat16* out) const {
+    using Bits = uint16_t;
+    const int64_t keys = seq.seq_k, keys_padded = padded(keys), ld = 2 * keys_padded;
+    Bits* k_out = reinterpret_cast<Bits*>(out);
+    Bits* v_out = k_out + keys_padded * head_dim_;
+    const int64_t k_step = k_heads.stride_dim, v_step = v_heads.stride_dim;
+    for (int64_t key = 0; key < keys; ++key) {
+      const Bits* k_row = reinterpret_cast<const Bits*>(k_heads.row(seq.batch, kvh, seq.k_start + key));
+      const Bits* v_row = reinterpret_cast<const Bits*>(v_heads.row(seq.batch, kvh, seq.k_start + key));
+      for (int64_t d = 0; d < head_dim_; ++d) k_out[(d / 2) * ld + 2 * key + d % 2] = k_row[d * k_step];
+      Bits* v_pairs = v_out + (key / 2) * 2 * head_dim_ + key % 2;
+      for (int64_t d = 0; d < head_dim_; ++d) v_pairs[2 * d] = v_row[d * v_step];
+    }
+    if (keys % 2) {
+      for (int64_t d = 0; d < head_dim_; ++d) k_out[(d / 2) * ld + 2 * keys + d % 2] = 0;
+      Bits* v_pairs = v_out + (keys / 2) * 2 * head_dim_ + 1;
+      for (int64_t d = 0; d < head_dim_; ++d) v_pairs[2 * d] = 0;
+    }
+  }
+
+  int64_t kv_heads_, head_dim_;
+  std::vector<int64_t> offsets_;
+  std::unique_ptr<c10::BFloat16[]> storage_;
+};
+
 // The forward with tiles of Elem (fp32, or bf16 for bf16 inputs where the CPU multiplies bf16) on
 // (batch, heads, rows, head_dim) views: writes the rows of `out` (same layout, unit inner stride)
 // and lse[(batch * heads + head) * rows + row] of every query row of the sequences.
+// With `paired` (bf16 tiles, AVX512-BF16 without AMX, an even head_dim), K and V are laid out once
+// (PairedKV) and the products run on gemm_bf16_pairs; else on gemm().
 template <typename Elem>
 void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::vector<Sequence>& sequences, const Variants& variants, double scale,
-                             const at::Tensor& out, float* lse_out) {
+                             const at::Tensor& out, float* lse_out, const PairedKV* paired = nullptr) {
   const int64_t heads = q.size(1), rows_q = q.size(2), head_dim = q.size(3);
   const int64_t group = heads / k.size(1);
   const Heads q_heads(q), k_heads(k), v_heads(v);
@@ -261,7 +332,10 @@ void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at:
         v_tile(kForwardBlockK * head_dim);
     std::vector<float> scores(kForwardBlockQ * kForwardBlockK), acc(kForwardBlockQ * head_dim),
         row_max(kForwardBlockQ), row_sum(kForwardBlockQ);
-    std::vector<Elem> probs = operand_buffer<Elem>(kForwardBlockQ * kForwardBlockK);
+    // the probabilities as the output product's a: row stride probs_ld, with room for a zero before
+    // and after a band (its keys start at an even key and count an even number for the pairs of V)
+    const int64_t probs_ld = kForwardBlockK + 2;
+    std::vector<Elem> probs = operand_buffer<Elem>(kForwardBlockQ * probs_ld);
     for (int64_t task = next_task(); task < tasks; task = next_task()) {
       const Item& item = items[task];
       const int64_t h = item.head, first_query = item.first_query, block_q = item.block_q;
@@ -278,14 +352,26 @@ void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at:
       for (int64_t first_key = key_begin; first_key < key_end; first_key += kForwardBlockK) {
         const int64_t block_k = std::min(kForwardBlockK, key_end - first_key);
         const int64_t key_row = seq.k_start + first_key;
-        const Tile<Elem> k_rows = k_heads.tile(seq.batch, h / group, key_row, block_k, head_dim, k_tile.data());
-        const Tile<Elem> v_rows = v_heads.tile(seq.batch, h / group, key_row, block_k, head_dim, v_tile.data());
+        Tile<Elem> k_rows{}, v_rows{};
+        if (paired == nullptr) {
+          k_rows = k_heads.tile(seq.batch, h / group, key_row, block_k, head_dim, k_tile.data());
+          v_rows = v_heads.tile(seq.batch, h / group, key_row, block_k, head_dim, v_tile.data());
+        }
         for_row_bands(mask, first_query, block_q, first_key, block_k,
                       [&](int64_t first_row, int64_t end_row, int64_t begin, int64_t end) {
           const int64_t band_rows = end_row - first_row, band_keys = end - begin;
           float* band_scores = &scores[first_row * block_k + begin];
-          gemm(Transpose::no, Transpose::yes, band_rows, band_keys, head_dim, static_cast<float>(scale),
-               q_rows.row(first_row), q_rows.ld, k_rows.row(begin), k_rows.ld, 0.f, band_scores, block_k);
+          if constexpr (std::is_same_v<Elem, c10::BFloat16>) {
+            if (paired != nullptr) {
+              gemm_bf16_pairs(band_rows, band_keys, head_dim / 2, static_cast<float>(scale), q_rows.row(first_row),
+                              q_rows.ld, paired->keys(item.sequence, h / group, seq) + 2 * (first_key + begin),
+                              PairedKV::keys_ld(seq), /*accumulate=*/false, band_scores, block_k);
+            }
+          }
+          if (paired == nullptr) {
+            gemm(Transpose::no, Transpose::yes, band_rows, band_keys, head_dim, static_cast<float>(scale),
+                 q_rows.row(first_row), q_rows.ld, k_rows.row(begin), k_rows.ld, 0.f, band_scores, block_k);
+          }
 
           // online softmax: scores -> unnormalized probabilities (0 outside the keys the row sees);
           // rescale what was accumulated
@@ -303,6 +389,21 @@ void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at:
             row_sum[r] = row_sum[r] * rescale + exp_in_place(visible, count, 1.f, new_max);
             row_max[r] = new_max;
             if (rescale != 1.f) scale_in_place(&acc[r * head_dim], head_dim, rescale);
+          }
+          if constexpr (std::is_same_v<Elem, c10::BFloat16>) {
+            if (paired != nullptr) {
+              // the band's keys from the even key at or before its first, to an even count: zeros around
+              const int64_t lead = (first_key + begin) % 2, count = lead + band_keys, pairs = (count + 1) / 2;
+              for (int64_t r = first_row; r < end_row; ++r) {
+                c10::BFloat16* row = &probs[r * probs_ld];
+                row[0] = row[count] = c10::BFloat16(0.f);
+                round_to_bf16(&scores[r * block_k + begin], band_keys, row + lead);
+              }
+              gemm_bf16_pairs(band_rows, head_dim, pairs, 1.f, &probs[first_row * probs_ld], probs_ld,
+                              paired->values(item.sequence, h / group, seq) + (first_key + begin - lead) * head_dim,
+                              paired->values_ld(), /*accumulate=*/true, &acc[first_row * head_dim], head_dim);
+              return;
+            }
           }
           const Elem* band_probs =
               as_operand(band_scores, band_rows, band_keys, block_k, probs.data(), first_row * block_k + begin);
@@ -332,7 +433,10 @@ void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at:
 void forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const std::vector<Sequence>& sequences, const Variants& variants, double scale,
                    const at::Tensor& out, float* lse_out) {
-  if (bf16_products(q)) {
+  if (q.scalar_type() == at::kBFloat16 && bf16_pairs_available() && q.size(3) % 2 == 0) {
+    const PairedKV paired(k, v, sequences);
+    attention_forward_tiles<c10::BFloat16>(q, k, v, sequences, variants, scale, out, lse_out, &paired);
+  } else if (bf16_products(q)) {
     attention_forward_tiles<c10::BFloat16>(q, k, v, sequences, variants, scale, out, lse_out);
   } else {
     attention_forward_tiles<float>(q, k, v, sequences, variants, scale, out, lse_out);

@@ -156,7 +156,7 @@ struct Heads {
     return {buffer, head_dim};
   }
 
- private:
+  // address of row s of head (b, h): its elements are stride_dim elements apart
   const char* row(int64_t b, int64_t h, int64_t s) const {
     return data + (b * stride_batch + h * stride_head + s * stride_seq) * element_size;
   }

@@ -7,6 +7,12 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstring>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FASTGPT_BF16_PAIRS 1
+#endif
 
 #if defined(__linux__) && defined(__x86_64__)
 #include <sys/syscall.h>
@@ -94,6 +100,67 @@ bool bf16_product_usable() {
   return usable;
 }
 
+#ifdef FASTGPT_BF16_PAIRS
+#define FASTGPT_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// rows [0, kRows) of c for columns [first, min(n, first + 64)): kRows x 4 vectors of 16 fp32 sums in
+// registers (24 of the 32 at 6 rows), each step one pair of a broadcast against 4 vectors of b
+template <int kRows>
+FASTGPT_BF16_TARGET void pairs_block(int64_t first, int64_t n, int64_t k_pairs, float alpha, const uint16_t* a,
+                                     int64_t lda, const uint16_t* b, int64_t ldb, bool accumulate, float* c,
+                                     int64_t ldc) {
+  __mmask16 lanes[4];
+  for (int v = 0; v < 4; ++v) {
+    const int64_t left = n - first - 16 * v;
+    lanes[v] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+  }
+  __m512 sums[kRows][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) sums[r][v] = _mm512_setzero_ps();
+  }
+  const uint16_t* b_column = b + 2 * first;
+  for (int64_t i = 0; i < k_pairs; ++i) {
+    const uint16_t* b_pairs = b_column + i * ldb;
+    __m512i columns[4];
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) columns[v] = _mm512_maskz_loadu_epi32(lanes[v], b_pairs + 32 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * i, sizeof pair);
+      const __m512bh row_pair = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) sums[r][v] = _mm512_dpbf16_ps(sums[r][v], row_pair, (__m512bh)columns[v]);
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      float* out = c + r * ldc + first + 16 * v;
+      __m512 value = _mm512_mul_ps(sums[r][v], scale);
+      if (accumulate) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(lanes[v], out));
+      _mm512_mask_storeu_ps(out, lanes[v], value);
+    }
+  }
+}
+
+void pairs_rows(int rows, int64_t first, int64_t n, int64_t k_pairs, float alpha, const uint16_t* a, int64_t lda,
+                const uint16_t* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  switch (rows) {
+    case 1: return pairs_block<1>(first, n, k_pairs, alpha, a, lda, b, ldb, accumulate, c, ldc);
+    case 2: return pairs_block<2>(first, n, k_pairs, alpha, a, lda, b, ldb, accumulate, c, ldc);
+    case 3: return pairs_block<3>(first, n, k_pairs, alpha, a, lda, b, ldb, accumulate, c, ldc);
+    case 4: return pairs_block<4>(first, n, k_pairs, alpha, a, lda, b, ldb, accumulate, c, ldc);
+    case 5: return pairs_block<5>(first, n, k_pairs, alpha, a, lda, b, ldb, accumulate, c, ldc);
+    default: return pairs_block<6>(first, n, k_pairs, alpha, a, lda, b, ldb, accumulate, c, ldc);
+  }
+}
+#endif
+
 }  // namespace
 
 void gemm(Transpose transpose_a, Transpose transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
@@ -123,6 +190,33 @@ void gemm(Transpose transpose_a, Transpose transpose_b, int64_t m, int64_t n, in
                          static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha,
                          reinterpret_cast<const uint16_t*>(a), static_cast<int>(lda),
                          reinterpret_cast<const uint16_t*>(b), static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+}
+
+bool bf16_pairs_available() {
+#ifdef FASTGPT_BF16_PAIRS
+  // where the CPU has AMX, MKL's bf16 product runs on it (bf16_gemm_available) and is left to that
+  static const bool usable = __builtin_cpu_supports("avx512bf16") && !__builtin_cpu_supports("amx-bf16");
+  return usable && !force_aten_gemm.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
+void gemm_bf16_pairs(int64_t m, int64_t n, int64_t k_pairs, float alpha, const c10::BFloat16* a, int64_t lda,
+                     const c10::BFloat16* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  TORCH_CHECK(bf16_pairs_available(), "fastgpt: gemm_bf16_pairs called where AVX512-BF16 is unavailable");
+#ifdef FASTGPT_BF16_PAIRS
+  if (n <= 0) return;
+  const auto* a_bits = reinterpret_cast<const uint16_t*>(a);
+  const auto* b_bits = reinterpret_cast<const uint16_t*>(b);
+  // the 64 columns of a block stay in cache while every block of 6 rows passes over them
+  for (int64_t first = 0; first < n; first += 64) {
+    for (int64_t first_row = 0; first_row < m; first_row += 6) {
+      pairs_rows(static_cast<int>(std::min<int64_t>(6, m - first_row)), first, n, k_pairs, alpha,
+                 a_bits + first_row * lda, lda, b_bits, ldb, accumulate, c + first_row * ldc, ldc);
+    }
+  }
+#endif
 }
 
 const char* gemm_path() { return blas_available() && !force_aten_gemm.load() ? "blas" : "aten"; }

@@ -25,6 +25,22 @@ void gemm(Transpose transpose_a, Transpose transpose_b, int64_t m, int64_t n, in
           const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t ldb, float beta, float* c,
           int64_t ldc);
 
+// bf16 products on the CPU's dot-product instructions (AVX512-BF16 VDPBF16PS), for operands the
+// kernels lay out once and multiply many times. MKL's bf16 product packs both operands on every call,
+// and on CPUs it does not tune for (AMD's) converts them to fp32 and runs its fp32 kernel.
+//
+// b in pairs: a k x n bf16 matrix stored as ceil(k / 2) rows of n pairs, element (i, j) at
+// b[(i / 2) * ldb + 2 * j + i % 2] (ldb >= 2 n, in elements; an odd k's last pair padded with 0).
+// c = alpha * a @ b (+ c where accumulate): a is m x 2 k_pairs, row-major with row stride lda,
+// read in pairs of adjacent elements (any lda, any alignment); c is m x n, row stride ldc.
+// Call only where bf16_pairs_available().
+void gemm_bf16_pairs(int64_t m, int64_t n, int64_t k_pairs, float alpha, const c10::BFloat16* a, int64_t lda,
+                     const c10::BFloat16* b, int64_t ldb, bool accumulate, float* c, int64_t ldc);
+
+// Whether this CPU has AVX512-BF16 and no AMX (and the portable path is not forced): on AMX, MKL's
+// bf16 product (above) is the one to use.
+bool bf16_pairs_available();
+
 // Whether torch exports MKL's bf16 product and this CPU has bf16 units (and the portable path is not
 // forced); where not, the kernels convert bf16 tiles to fp32 and use the fp32 gemm.
 bool bf16_gemm_available();
