@@ -78,11 +78,29 @@ def two_rank_worker(rank, folder, port):
         results["ddp_grad_accum_2"] = run(trainer(grad_accum=2, dist=context), STEPS)
         resumed = trainer(checkpoint=load_checkpoint(os.path.join(folder, "single.safetensors")), dist=context)
         results["resumed_from_single"] = run(resumed, STEPS)
+        results["all_reduces"] = {k: count_gradient_exchanges(trainer(grad_accum=k, dist=context), 3) for k in (1, 2)}
         if rank == 0:
             with open(os.path.join(folder, "results.json"), "w") as f:
                 json.dump(results, f)
     finally:
         distributed.shutdown(context)
+
+
+def count_gradient_exchanges(t, steps):
+    """How many gradient all-reduces DDP starts over ``steps`` optimizer steps (a comm hook counts them)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    calls = 0
+
+    def counting_hook(process_group, bucket):
+        nonlocal calls
+        calls += 1
+        return allreduce_hook(process_group, bucket)
+
+    t.train_model.register_comm_hook(None, counting_hook)
+    for _ in range(steps):
+        t.train_step()
+    return calls
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +129,13 @@ def test_two_ranks_give_the_losses_of_one_process_with_the_same_global_batch(two
 def test_two_ranks_with_two_micro_batches_give_the_same_losses(two_ranks):
     _, reference, _, results = two_ranks
     assert_same_losses(results["ddp_grad_accum_2"], reference)
+
+
+def test_grad_accum_exchanges_gradients_once_per_step(two_ranks):
+    """--grad-accum 2 under DDP all-reduces after the last micro-batch only (no_sync on the first):
+    as many exchanges per optimizer step as without accumulation, not twice as many."""
+    exchanges = two_ranks[3]["all_reduces"]
+    assert exchanges["1"] == exchanges["2"] > 0, exchanges
 
 
 def test_a_single_process_checkpoint_resumes_on_two_ranks(two_ranks):
