@@ -271,22 +271,33 @@ class PairedKV {
 
   void lay_out(const Heads& k_heads, const Heads& v_heads, const Sequence& seq, int64_t kvh,
                c10::BFloat16* out) const {
-    using Bits = uint16_t;
-    const int64_t keys = seq.seq_k, keys_padded = padded(keys), ld = 2 * keys_padded;
-    Bits* k_out = reinterpret_cast<Bits*>(out);
-    Bits* v_out = k_out + keys_padded * head_dim_;
-    const int64_t k_step = k_heads.stride_dim, v_step = v_heads.stride_dim;
-    for (int64_t key = 0; key < keys; ++key) {
-      const Bits* k_row = reinterpret_cast<const Bits*>(k_heads.row(seq.batch, kvh, seq.k_start + key));
-      const Bits* v_row = reinterpret_cast<const Bits*>(v_heads.row(seq.batch, kvh, seq.k_start + key));
-      for (int64_t d = 0; d < head_dim_; ++d) k_out[(d / 2) * ld + 2 * key + d % 2] = k_row[d * k_step];
-      Bits* v_pairs = v_out + (key / 2) * 2 * head_dim_ + key % 2;
-      for (int64_t d = 0; d < head_dim_; ++d) v_pairs[2 * d] = v_row[d * v_step];
+    const int64_t keys = seq.seq_k, keys_padded = padded(keys), half_dim = head_dim_ / 2;
+    uint32_t* k_pairs = reinterpret_cast<uint32_t*>(out);  // half_dim rows of keys_padded pairs
+    uint32_t* v_pairs = k_pairs + keys_padded * half_dim;  // keys_padded / 2 rows of head_dim pairs
+    std::vector<uint16_t> v_row(head_dim_), next_v_row(head_dim_);
+    // one key's elements, contiguous (zeros past the last key)
+    auto read = [&](const Heads& heads, int64_t key, uint16_t* row) {
+      if (key >= keys) return std::fill(row, row + head_dim_, uint16_t{0});
+      const auto* src = reinterpret_cast<const uint16_t*>(heads.row(seq.batch, kvh, seq.k_start + key));
+      if (heads.stride_dim == 1) return static_cast<void>(std::memcpy(row, src, head_dim_ * sizeof(uint16_t)));
+      for (int64_t d = 0; d < head_dim_; ++d) row[d] = src[d * heads.stride_dim];
+    };
+    // K^T: 16 keys at a time, so that each row of pairs is written 64 bytes at a time
+    constexpr int64_t kKeys = 16;
+    std::vector<uint32_t> k_block(kKeys * half_dim);
+    for (int64_t first = 0; first < keys_padded; first += kKeys) {
+      const int64_t count = std::min(kKeys, keys_padded - first);
+      for (int64_t j = 0; j < count; ++j) read(k_heads, first + j, reinterpret_cast<uint16_t*>(&k_block[j * half_dim]));
+      for (int64_t i = 0; i < half_dim; ++i) {
+        uint32_t* row = k_pairs + i * keys_padded + first;
+        for (int64_t j = 0; j < count; ++j) row[j] = k_block[j * half_dim + i];
+      }
     }
-    if (keys % 2) {
-      for (int64_t d = 0; d < head_dim_; ++d) k_out[(d / 2) * ld + 2 * keys + d % 2] = 0;
-      Bits* v_pairs = v_out + (keys / 2) * 2 * head_dim_ + 1;
-      for (int64_t d = 0; d < head_dim_; ++d) v_pairs[2 * d] = 0;
+    for (int64_t key = 0; key < keys_padded; key += 2) {
+      read(v_heads, key, v_row.data());
+      read(v_heads, key + 1, next_v_row.data());
+      uint32_t* v_out = v_pairs + (key / 2) * head_dim_;
+      for (int64_t d = 0; d < head_dim_; ++d) v_out[d] = v_row[d] | uint32_t{next_v_row[d]} << 16;
     }
   }
 
@@ -374,7 +385,40 @@ void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at:
           }
 
           // online softmax: scores -> unnormalized probabilities (0 outside the keys the row sees);
-          // rescale what was accumulated
+          // rescale what was accumulated. new_row_max: the running max with the row's visible scores
+          // (soft-capped first), what the row accumulated rescaled to it
+          auto new_row_max = [&](int64_t r, float* visible, int64_t count) {
+            if (variants.softcap > 0.f) softcap_in_place(visible, count, 1.f, variants.softcap, nullptr);
+            const float new_max = std::max(row_max[r], max_of(visible, count));
+            const float rescale = std::exp(row_max[r] - new_max);  // 0 while the row had no key yet
+            row_sum[r] *= rescale;
+            row_max[r] = new_max;
+            if (rescale != 1.f) scale_in_place(&acc[r * head_dim], head_dim, rescale);
+            return new_max;
+          };
+          if constexpr (std::is_same_v<Elem, c10::BFloat16>) {
+            if (paired != nullptr) {
+              // the probabilities go straight to bf16, from the even key at or before the band's first to
+              // an even count (pairs of V), zeros around the keys each row sees
+              const int64_t lead = (first_key + begin) % 2, count = lead + band_keys, pairs = (count + 1) / 2;
+              for (int64_t r = first_row; r < end_row; ++r) {
+                c10::BFloat16* band_row = &probs[r * probs_ld + lead];  // key `begin` of the block
+                const KeyRange seen = row_keys(mask, first_query + r, first_key, begin, end);
+                probs[r * probs_ld] = probs[r * probs_ld + count] = c10::BFloat16(0.f);
+                std::fill(band_row, band_row + (seen.begin - begin), c10::BFloat16(0.f));
+                std::fill(band_row + (seen.end - begin), band_row + band_keys, c10::BFloat16(0.f));
+                const int64_t seen_keys = seen.end - seen.begin;
+                if (seen_keys == 0) continue;
+                float* visible = &scores[r * block_k + seen.begin];
+                const float shift = new_row_max(r, visible, seen_keys);
+                row_sum[r] += exp_to_bf16(visible, seen_keys, shift, band_row + (seen.begin - begin));
+              }
+              gemm_bf16_pairs(band_rows, head_dim, pairs, 1.f, &probs[first_row * probs_ld], probs_ld,
+                              paired->values(item.sequence, h / group, seq) + (first_key + begin - lead) * head_dim,
+                              paired->values_ld(), /*accumulate=*/true, &acc[first_row * head_dim], head_dim);
+              return;
+            }
+          }
           for (int64_t r = first_row; r < end_row; ++r) {
             float* row = &scores[r * block_k];
             const KeyRange seen = row_keys(mask, first_query + r, first_key, begin, end);
@@ -383,27 +427,8 @@ void attention_forward_tiles(const at::Tensor& q, const at::Tensor& k, const at:
             const int64_t count = seen.end - seen.begin;
             if (count == 0) continue;
             float* visible = row + seen.begin;
-            if (variants.softcap > 0.f) softcap_in_place(visible, count, 1.f, variants.softcap, nullptr);
-            const float new_max = std::max(row_max[r], max_of(visible, count));
-            const float rescale = std::exp(row_max[r] - new_max);  // 0 while the row had no key yet
-            row_sum[r] = row_sum[r] * rescale + exp_in_place(visible, count, 1.f, new_max);
-            row_max[r] = new_max;
-            if (rescale != 1.f) scale_in_place(&acc[r * head_dim], head_dim, rescale);
-          }
-          if constexpr (std::is_same_v<Elem, c10::BFloat16>) {
-            if (paired != nullptr) {
-              // the band's keys from the even key at or before its first, to an even count: zeros around
-              const int64_t lead = (first_key + begin) % 2, count = lead + band_keys, pairs = (count + 1) / 2;
-              for (int64_t r = first_row; r < end_row; ++r) {
-                c10::BFloat16* row = &probs[r * probs_ld];
-                row[0] = row[count] = c10::BFloat16(0.f);
-                round_to_bf16(&scores[r * block_k + begin], band_keys, row + lead);
-              }
-              gemm_bf16_pairs(band_rows, head_dim, pairs, 1.f, &probs[first_row * probs_ld], probs_ld,
-                              paired->values(item.sequence, h / group, seq) + (first_key + begin - lead) * head_dim,
-                              paired->values_ld(), /*accumulate=*/true, &acc[first_row * head_dim], head_dim);
-              return;
-            }
+            const float shift = new_row_max(r, visible, count);
+            row_sum[r] += exp_in_place(visible, count, 1.f, shift);
           }
           const Elem* band_probs =
               as_operand(band_scores, band_rows, band_keys, block_k, probs.data(), first_row * block_k + begin);

@@ -19,18 +19,21 @@ namespace fastgpt::cpu {
 typedef uint32_t Uints __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 typedef uint16_t Uint16s __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 
-// dst[j] = src[j] rounded to bf16 (to nearest, ties to even; NaN becomes 0x7FC0: c10::BFloat16's
-// rounding) for j < n. Vector code: at::vec::convert is scalar in this baseline-x86-64 build.
+// dst[j] = x[j] rounded to bf16 (to nearest, ties to even; NaN becomes 0x7FC0: c10::BFloat16's
+// rounding) for the first `count` lanes
+__attribute__((always_inline)) inline void store_bf16_lanes(at::BFloat16* dst, Floats x, int64_t count = kLanes) {
+  Uints bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  Uints rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  rounded = x == x ? rounded : Uints{} + 0x7FC0u;
+  const Uint16s halves = __builtin_convertvector(rounded, Uint16s);
+  std::memcpy(dst, &halves, count * sizeof(uint16_t));
+}
+
+// dst[j] = src[j] rounded to bf16 (as store_bf16_lanes) for j < n. Vector code: at::vec::convert is
+// scalar in this baseline-x86-64 build.
 FASTGPT_CPU_DISPATCH inline void round_to_bf16(const float* src, int64_t n, at::BFloat16* dst) {
-  for_lanes(n, [&](int64_t j, int64_t count) {
-    const Floats x = load_lanes(src + j, count);
-    Uints bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    Uints rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    rounded = x == x ? rounded : Uints{} + 0x7FC0u;
-    const Uint16s halves = __builtin_convertvector(rounded, Uint16s);
-    std::memcpy(dst + j, &halves, count * sizeof(uint16_t));
-  });
+  for_lanes(n, [&](int64_t j, int64_t count) { store_bf16_lanes(dst + j, load_lanes(src + j, count), count); });
 }
 
 template <typename T>
