@@ -7,7 +7,11 @@
 // gemm.h. bf16 inputs, on a CPU with bf16 units (AMX, AVX512-BF16), keep bf16 tiles and
 // multiply them in bf16 with fp32 accumulation, rounding the fp32 probabilities and score gradients
 // to bf16 on the way into their products as FlashAttention does on GPUs: about 1.4x faster forward
-// and 1.6x forward+backward than fp32 tiles at (4, 8, 1024, 64) here. Measured on one core for a
+// and 1.6x forward+backward than fp32 tiles at (4, 8, 1024, 64) on an AMX Xeon. On AVX512-BF16
+// without AMX (AMD EPYC: there MKL's bf16 product converts to fp32 and runs its fp32 kernel) the
+// forward lays K and V out once per call in pairs (PairedKV) and multiplies on gemm_bf16_pairs
+// (VDPBF16PS), the probabilities rounded to bf16 as they are computed (exp_to_bf16): 3.5-5x SDPA
+// on one core (benchmarks/attention_bf16_cpu.py). Measured on one core for a
 // 128x128x64 tile product: MKL 132 GFLOP/s against 108 for a register-blocked 4x32 AVX-512
 // micro-kernel (144 vs 82 at 128x512x64); at::vec::Vectorized is scalar code in this
 // baseline-x86-64 build. exp() and the other row loops are vector code compiled for several ISAs
