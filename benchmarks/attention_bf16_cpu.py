@@ -7,7 +7,8 @@ process, interleaved round by round, so that load on a shared machine hits both 
 that minute.
 
 - ``native``: ``torch.ops.fastgpt.native_attention_forward`` (the tiled forward, csrc/cpu/attention.cpp);
-- ``sdpa``: ``F.scaled_dot_product_attention(q, k, v, is_causal=...)`` (oneDNN's flash kernel on the CPU).
+- ``sdpa``: ``F.scaled_dot_product_attention(q, k, v, is_causal=...)`` (torch's CPU flash kernel;
+  on an AMD CPU its tile products run on MKL's bf16 product, which converts to fp32 there).
 
 Prints a table and writes JSON (default ``benchmarks/results/cpu-<cpu>-<cores>core-<date>-attention-bf16.json``).
 
