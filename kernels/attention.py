@@ -23,8 +23,8 @@ from .attention_backward import (
     launch_backward, preprocess_launch,
 )
 from .attention_configs import (
-    ARCH_OF_TARGET, CONFIGS, DECODE_MAX_ROWS, DECODE_TILES, DECODE_WARPS, SHARED_MEMORY_LIMITS, Variant,
-    device_limits, head_dim_padded, select_blocks, shape_constexprs, unsupported_reason,
+    ARCH_OF_TARGET, CONFIGS, DECODE_MAX_ROWS, DECODE_TILES, DECODE_WARPS, SHARED_MEMORY_LIMITS, VARIANT_SPILLING_TILES,
+    Variant, device_limits, head_dim_padded, select_blocks, shape_constexprs, unsupported_reason,
 )
 from .attention_decode import DecodePlan, decode_launches, decode_plan
 from .attention_forward import attention_forward_kernel, forward_args, launch_forward
@@ -254,11 +254,21 @@ _AOT_VARIANTS = (
 )
 
 
-def _selectable(padded_head_dim, itemsize):
+def _selectable(padded_head_dim, itemsize, variant, spilling=False):
     """``only`` for _training_specs: the configurations each generation's launcher may pick at long
-    sequences (on sm_80's and sm_90's shared memory)."""
+    sequences (on sm_80's and sm_90's shared memory) for ``variant``'s calls, and with ``spilling``
+    the tiles VARIANT_SPILLING_TILES keeps from them (compiled to show they still spill)."""
     limits = {arch: SHARED_MEMORY_LIMITS[f"sm_{target}"] for target, arch in ARCH_OF_TARGET.items()}
-    return lambda kernel, arch: select_blocks(kernel, arch, limits[arch], padded_head_dim, itemsize, _AOT_SEQ, _AOT_SEQ)
+
+    def only(kernel, arch):
+        picked = select_blocks(kernel, arch, limits[arch], padded_head_dim, itemsize, _AOT_SEQ, _AOT_SEQ,
+                               variant.names())
+        kept_from = [b for b in CONFIGS[kernel][arch, itemsize]
+                     if VARIANT_SPILLING_TILES.get((kernel, arch, itemsize, padded_head_dim, b), frozenset())
+                     & variant.names()]
+        return picked + kept_from if spilling else picked
+
+    return only
 
 
 def aot_compile_specs():
@@ -277,7 +287,8 @@ def aot_compile_specs():
         specs += _training_specs(head_dim, dtype, variant, list(ARCH_OF_TARGET))
         specs += _decode_specs(head_dim, dtype, variant, list(ARCH_OF_TARGET), block_m=16, combine=True)
     for variant in _AOT_VARIANTS:
-        specs += _training_specs(128, torch.bfloat16, variant, list(ARCH_OF_TARGET), only=_selectable(128, 2))
+        specs += _training_specs(128, torch.bfloat16, variant, list(ARCH_OF_TARGET),
+                                 only=_selectable(128, 2, variant, spilling=True))
         if not variant.varlen:
             specs += _decode_specs(128, torch.bfloat16, variant, list(ARCH_OF_TARGET), block_m=16,
                                    tiles=DECODE_TILES[2][:1])

@@ -2,9 +2,10 @@
 ``delta = rowsum(dO ∘ O)``; one kernel owns a key block and loops over query blocks — and over
 every query head of its GQA group, so dK and dV are summed in registers — and another owns a query
 block and loops over key blocks for dQ. Probabilities are recomputed from the forward's ``lse``.
-Both scan only the tiles the causal mask and the sliding window leave visible, in one loop, and
-mask only the tiles that cross an edge (as the forward does); a soft cap is differentiated exactly
-(``1 - tanh²`` of the capped score, recomputed).
+Both scan only the tiles the causal mask and the sliding window leave visible and mask only the
+tiles that cross an edge (as the forward does: a window's masked tiles on both sides of the
+unmasked run in one loop); a soft cap is differentiated exactly (``1 - tanh²`` of the capped
+score, recomputed, folded into P before the dot products).
 
 GEMMs per (query tile, key tile) pair: the dK/dV kernel does 4 — Sᵀ = K·Qᵀ, dV += Pᵀ·dO,
 dPᵀ = V·dOᵀ, dK += dSᵀ·Q — and the dQ kernel 3 — S = Q·Kᵀ, dP = dO·Vᵀ, dQ += dS·K — so 7, where
@@ -26,7 +27,7 @@ from .attention_configs import (
     INTERPRETER_BLOCKS, autotuned, head_dim_padded, launch, seq_bucket, shape_constexprs, strides,
 )
 from .attention_forward import (
-    LOG2E, key_range, sequence_span, tanh, unmasked_tiles, visible_keys, window_edges,
+    LOG2E, key_range, sequence_span, tanh_gap, unmasked_tiles, visible_keys, window_edges,
 )
 from .launch import KernelLaunch
 from .tiles import load_tile, store_tile, tile_pointers
@@ -72,30 +73,37 @@ def attention_backward_preprocess_kernel(
 def dkdv_query_tiles(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_lsem,
-    cols, offs_m, offs_d, seq_q, right_edge, left_edge, qk_scale, softcap, start_m, end_m,
+    cols, offs_m, offs_d, seq_q, right_edge, left_edge, qk_scale, softcap, start_m, end_m, skip_from, skip,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, SKIPS: tl.constexpr, PAD_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key block over query tiles [start_m, end_m), in transposed (key-major)
-    form; MASKED tiles cross an edge of the window, the diagonal or the end of the queries."""
+    """Accumulate dK, dV of one key block over query tiles [start_m, end_m), or with SKIPS the tiles
+    from ``skip_from`` on moved ``skip`` rows further (as ``forward_key_tiles``), in transposed
+    (key-major) form; MASKED tiles cross an edge of the window, the diagonal or the end of the queries."""
     if SOFTCAP:
-        tanh_scale = qk_scale / (LOG2E * softcap)
+        gap_scale = 2.0 * qk_scale / softcap  # tanh_gap's argument per unscaled score (see the forward)
         cap = softcap * LOG2E
-    for tile_start in range(start_m, end_m, BLOCK_M):
+    for step_start in range(start_m, end_m, BLOCK_M):
+        tile_start = step_start
+        if SKIPS:
+            tile_start = step_start + tl.where(step_start >= skip_from, skip, 0)
         rows = tile_start + offs_m
         q = load_tile(tile_pointers(q_base, rows, stride_qm, offs_d, stride_qd), rows, seq_q, offs_d, HEAD_DIM,
                       MASKED, PAD_D)
         do = load_tile(tile_pointers(do_base, rows, stride_dom, offs_d, stride_dod), rows, seq_q, offs_d, HEAD_DIM,
                        MASKED, PAD_D)
         lse = load_log2_lse(lse_base + rows * stride_lsem, rows, seq_q, MASKED)
+        if SOFTCAP:
+            lse = lse - cap  # exp2(cap · tanh - lse) = exp2(-2cap · gap - (lse - cap)): one FMA a score
         if MASKED:
             delta = tl.load(delta_base + rows, mask=rows < seq_q, other=0.0)
         else:
             delta = tl.load(delta_base + rows)
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (keys, queries), unscaled
         if SOFTCAP:
-            capped_t = tanh(scores_t * tanh_scale)
-            probs_t = tl.math.exp2(cap * capped_t - lse[None, :])
+            gap_t = tanh_gap(scores_t * gap_scale)
+            probs_t = tl.math.exp2(gap_t * (-2.0 * cap) - lse[None, :])
         else:
             probs_t = tl.math.exp2(scores_t * qk_scale - lse[None, :])  # padding rows have lse +inf: 0
         if MASKED and (CAUSAL or WINDOW):
@@ -103,11 +111,13 @@ def dkdv_query_tiles(
             if WINDOW:
                 visible_t = visible_t & (cols[:, None] >= rows[None, :] + left_edge)
             probs_t = tl.where(visible_t, probs_t, 0.0)
-        dv = tl.dot(probs_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        probs_16 = probs_t.to(do.dtype)
+        if SOFTCAP:  # d/ds of softcap · tanh(s · scale / softcap) is scale · (1 - tanh²) (scale comes at
+            # the end): folded into P now, so neither the tanh nor fp32 P stays live across the dots
+            probs_t = probs_t * (gap_t * (4.0 - 4.0 * gap_t))
+        dv = tl.dot(probs_16, do, dv, input_precision=DOT_PRECISION)
         dprobs_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dscores_t = probs_t * (dprobs_t - delta[None, :])
-        if SOFTCAP:  # d/ds of softcap · tanh(s · scale / softcap) is scale · (1 - tanh²); scale comes at the end
-            dscores_t = dscores_t * (1.0 - capped_t * capped_t)
         dk = tl.dot(dscores_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -192,25 +202,34 @@ def attention_backward_dkdv_kernel(
         do_base = do_ptr + batch * stride_dob + head * stride_doh + q_start * stride_dom
         lse_base = lse_ptr + batch * stride_lseb + head * stride_lseh + q_start * stride_lsem
         delta_base = delta_ptr + batch * stride_deltab + head * stride_deltah + q_start
-        if CAUSAL or WINDOW:
+        if CAUSAL and not WINDOW:  # the diagonal tiles, then the run
             dk, dv = dkdv_query_tiles(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lsem,
-                cols, offs_m, offs_d, seq_q, right_edge, left_edge, qk_scale, softcap, start_m, full_start,
-                HEAD_DIM, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, True, PAD_D, DOT_PRECISION,
+                cols, offs_m, offs_d, seq_q, right_edge, left_edge, qk_scale, softcap, start_m, full_start, 0, 0,
+                HEAD_DIM, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, True, False, PAD_D, DOT_PRECISION,
             )
         dk, dv = dkdv_query_tiles(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_lsem,
-            cols, offs_m, offs_d, seq_q, right_edge, left_edge, qk_scale, softcap, full_start, full_end,
-            HEAD_DIM, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, False, PAD_D, DOT_PRECISION,
+            cols, offs_m, offs_d, seq_q, right_edge, left_edge, qk_scale, softcap, full_start, full_end, 0, 0,
+            HEAD_DIM, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, False, False, PAD_D, DOT_PRECISION,
         )
-        dk, dv = dkdv_query_tiles(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_lsem,
-            cols, offs_m, offs_d, seq_q, right_edge, left_edge, qk_scale, softcap, full_end, end_m,
-            HEAD_DIM, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, True, PAD_D, DOT_PRECISION,
-        )
+        if WINDOW:  # the masked tiles on both sides of the run in one loop (as the forward)
+            dk, dv = dkdv_query_tiles(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lsem,
+                cols, offs_m, offs_d, seq_q, right_edge, left_edge, qk_scale, softcap,
+                start_m, end_m - (full_end - full_start), full_start, full_end - full_start,
+                HEAD_DIM, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, True, True, PAD_D, DOT_PRECISION,
+            )
+        else:
+            dk, dv = dkdv_query_tiles(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lsem,
+                cols, offs_m, offs_d, seq_q, right_edge, left_edge, qk_scale, softcap, full_end, end_m, 0, 0,
+                HEAD_DIM, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, True, False, PAD_D, DOT_PRECISION,
+            )
 
     dk = dk * scale
     dk_base = dk_ptr + batch * stride_dkb + kv_head * stride_dkh + k_start * stride_dkn
@@ -224,16 +243,22 @@ def attention_backward_dkdv_kernel(
 @triton.jit
 def dq_key_tiles(
     dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-    rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, start_n, end_n,
+    rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, start_n, end_n, skip_from, skip,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, SKIPS: tl.constexpr, PAD_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dQ of one query block over key tiles [start_n, end_n) (unscaled: times scale at the
-    end); MASKED tiles are the ones the forward masks."""
+    """Accumulate dQ of one query block over key tiles [start_n, end_n), or with SKIPS the tiles from
+    ``skip_from`` on moved ``skip`` keys further (as ``forward_key_tiles``), unscaled (times scale at
+    the end); MASKED tiles are the ones the forward masks."""
     if SOFTCAP:
-        tanh_scale = qk_scale / (LOG2E * softcap)
+        gap_scale = 2.0 * qk_scale / softcap  # tanh_gap's argument per unscaled score (see the forward)
+        lse = lse - softcap * LOG2E  # exp2(cap · tanh - lse) = exp2(-2cap · gap - (lse - cap))
         cap = softcap * LOG2E
-    for tile_start in range(start_n, end_n, BLOCK_N):
+    for step_start in range(start_n, end_n, BLOCK_N):
+        tile_start = step_start
+        if SKIPS:
+            tile_start = step_start + tl.where(step_start >= skip_from, skip, 0)
         cols = tile_start + offs_n
         k = load_tile(tile_pointers(k_base, cols, stride_kn, offs_d, stride_kd), cols, seq_k, offs_d, HEAD_DIM,
                       MASKED, PAD_D)
@@ -241,16 +266,16 @@ def dq_key_tiles(
                       MASKED, PAD_D)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if SOFTCAP:
-            capped = tanh(scores * tanh_scale)
-            probs = tl.math.exp2(cap * capped - lse[:, None])
+            gap = tanh_gap(scores * gap_scale)
+            probs = tl.math.exp2(gap * (-2.0 * cap) - lse[:, None])
         else:
             probs = tl.math.exp2(scores * qk_scale - lse[:, None])  # rows that see no key have lse +inf: 0
         if MASKED:
             probs = tl.where(visible_keys(rows, cols, seq_k, right_edge, left_edge, CAUSAL, WINDOW), probs, 0.0)
+        if SOFTCAP:  # P ∘ (1 - tanh²), as in the dK/dV kernel
+            probs = probs * (gap * (4.0 - 4.0 * gap))
         dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         dscores = probs * (dprobs - delta[:, None])
-        if SOFTCAP:
-            dscores = dscores * (1.0 - capped * capped)
         dq = tl.dot(dscores.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
@@ -320,22 +345,25 @@ def attention_backward_dq_kernel(
                                       WINDOW)
     qk_scale = scale * LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
+    # under WINDOW the masked tiles [lo, full_lo) and [full_hi, hi) in one loop as the forward does,
+    # but before the run: after it, values kept for the masked loop spilled (8-24 B at head dim 128)
     if WINDOW:
         dq = dq_key_tiles(
             dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, lo, full_lo,
-            HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, True, PAD_D, DOT_PRECISION,
+            rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, lo, hi - (full_hi - full_lo),
+            full_lo, full_hi - full_lo, HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, True, True, PAD_D, DOT_PRECISION,
         )
     dq = dq_key_tiles(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, full_lo, full_hi,
-        HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, False, PAD_D, DOT_PRECISION,
+        rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, full_lo, full_hi, 0, 0,
+        HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, False, False, PAD_D, DOT_PRECISION,
     )
-    dq = dq_key_tiles(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, full_hi, hi,
-        HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, True, PAD_D, DOT_PRECISION,
-    )
+    if not WINDOW:
+        dq = dq_key_tiles(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, full_hi, hi, 0, 0,
+            HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, True, False, PAD_D, DOT_PRECISION,
+        )
     dq = dq * scale
     store_tile(tile_pointers(dq_ptr + batch * stride_dqb + head * stride_dqh + q_start * stride_dqm, rows, stride_dqm,
                              offs_d, stride_dqd), dq.to(dq_ptr.dtype.element_ty), rows, seq_q, offs_d, HEAD_DIM, PAD_D)

@@ -54,6 +54,17 @@ DECODE_MAX_ROWS = 64  # at most this many rows (queries × GQA group size) in on
 DECODE_WARPS = 4
 FALLBACK_TILES = {"forward": _SMALL_FORWARD, "backward_dkdv": _SMALL_DKDV, "backward_dq": _SMALL_DQ}
 CONFIGS = {"forward": FORWARD_CONFIGS, "backward_dkdv": DKDV_CONFIGS, "backward_dq": DQ_CONFIGS}
+# Tiles that the window, soft-cap or packed-sequence specializations of a kernel compile with a
+# stack frame (spills) where the plain kernel does not, so a call using one of the listed variants
+# does not pick them: (kernel, generation, bytes per element, padded head dim, tile) -> variants.
+# At head dim 128 the Hopper 128x128 forward uses all 255 registers in plain causal attention and
+# spills 8-16 B (before its key loops, reloaded for the output store) with a window or packed
+# sequences; its 64x64 dQ tile 8-56 B with packed sequences. tests/test_attention_triton_aot.py
+# compiles these tiles in the variants it checks and fails when an entry no longer spills.
+VARIANT_SPILLING_TILES = {
+    ("forward", "hopper", 2, 128, (128, 128, 8, 2)): frozenset({"window", "varlen"}),
+    ("backward_dq", "hopper", 2, 128, (64, 64, 4, 2)): frozenset({"varlen"}),
+}
 ARCH_OF_TARGET = {80: "ampere", 90: "hopper"}  # the compile target each generation's table comes from
 # opt-in shared memory per block: the limits of the parts the tables are checked against
 SHARED_MEMORY_LIMITS = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
@@ -122,13 +133,17 @@ def usable_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize):
     return []
 
 
-def select_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize, seq_q, seq_k):
+def select_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize, seq_q, seq_k, variants=frozenset()):
     """The configurations of ``kernel`` the autotuner may try on this device: usable ones
-    (``usable_blocks``) without tiles far larger than the sequences. Empty when none fits, which
+    (``usable_blocks``), without those that spill in a specialization for one of ``variants``
+    ("window", "softcap", "varlen"; VARIANT_SPILLING_TILES) unless nothing else is usable, and
+    without tiles far larger than the sequences. Empty when none fits, which
     ``unsupported_reason`` reports before any launch."""
     usable = usable_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize)
     if not usable:
         return []
+    usable = [b for b in usable if not VARIANT_SPILLING_TILES.get((kernel, arch, itemsize, padded_head_dim, b),
+                                                                  frozenset()) & variants] or usable
     bound_m = max(triton.next_power_of_2(seq_q), min(b[0] for b in usable))
     bound_n = max(triton.next_power_of_2(seq_k), min(b[1] for b in usable))
     return [b for b in usable if b[0] <= bound_m and b[1] <= bound_n] or usable
@@ -198,8 +213,9 @@ def _pruner(kernel):
     def prune(configs, named_args, **kwargs):
         q = named_args["q_ptr"]
         arch, limit = device_limits(q.device)
+        variants = frozenset(name for name in ("window", "softcap", "varlen") if kwargs[name.upper()])
         chosen = set(select_blocks(kernel, arch, limit, kwargs["HEAD_DIM_PADDED"], q.element_size(),
-                                   named_args["seq_q"], named_args["seq_k"]))
+                                   named_args["seq_q"], named_args["seq_k"], variants))
         return [c for c in configs if _blocks_of(c) in chosen]
 
     return prune
@@ -263,6 +279,11 @@ class Variant:
         if self.window is None:
             return 0, 0
         return tuple(side if side >= 0 else seq_q + seq_k for side in self.window)
+
+    def names(self):
+        """The variants used, as VARIANT_SPILLING_TILES names them."""
+        return frozenset(name for name, used in (("window", self.window is not None), ("softcap", self.softcap > 0),
+                                                 ("varlen", self.varlen)) if used)
 
     def constexprs(self):
         return dict(CAUSAL=bool(self.causal), WINDOW=self.window is not None, SOFTCAP=self.softcap > 0,

@@ -7,8 +7,8 @@ log-sum-exp of each query row.
 A query block visits only the key tiles that intersect what its rows may see ([lo, hi) from the
 causal mask and the sliding window, so a window's cost grows with the window, not the sequence),
 and masks only the tiles that cross an edge of that range (a window's left edge, the diagonal, the
-end of the keys): the tiles before the unmasked run, the run, and the tiles after it are three
-loops specialized at compile time (``forward_visible_tiles`` says why not one). Variants are
+end of the keys): the unmasked run and the masked tiles on either side of it are two loops
+specialized at compile time (``forward_visible_tiles`` says why not one, nor three). Variants are
 compile-time switches: CAUSAL and WINDOW (runtime ``window_left``/``window_right``, the host
 turning an unbounded side into a bound no key reaches), SOFTCAP (``softcap · tanh(score · scale /
 softcap)`` before the mask), and VARLEN (packed sequences: a program reads its sequence's offsets
@@ -27,17 +27,14 @@ LN2 = tl.constexpr(0.6931471805599453)  # a log2-domain lse times ln(2) is the n
 
 
 @triton.jit
-def tanh(x):
-    """tanh in fp32 from exp2 (libdevice's tanh does not run in Triton's interpreter): (1 - e)/(1 + e)
-    with e = exp(-2|x|) never overflows, and near 0, where 1 - e cancels, an odd Taylor polynomial
-    (exact to fp32 for |x| < 0.25) takes over."""
-    magnitude = tl.abs(x)
-    e = tl.math.exp2(magnitude * (-2.0 * LOG2E))
-    far = (1.0 - e) / (1.0 + e)
-    far = tl.where(x < 0.0, -far, far)
-    x2 = x * x
-    near = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    return tl.where(magnitude < 0.25, near, far)
+def tanh_gap(x):
+    """(1 - tanh(y)) / 2 = 1 / (1 + exp(2y)) in fp32, given x = 2y·log2(e) (libdevice's tanh does not
+    run in Triton's interpreter): then tanh(y) = 1 - 2·gap and 1 - tanh²(y) = 4·gap·(1 - gap). One
+    exp2 and one reciprocal per score, no sign or range branches (exp2 overflowing to inf gives gap
+    0, tanh 1), so soft-capped tiles keep few values live. Near y = 0 the result is exact to an
+    absolute fp32 rounding of 1, i.e. the capped score to one of the cap: no worse than the
+    rounding of an uncapped score of that size."""
+    return 1.0 / (1.0 + tl.math.exp2(x))
 
 
 @triton.jit
@@ -96,33 +93,48 @@ def unmasked_tiles(lo, hi, first_row, last_row, seq_k, right_edge, left_edge, BL
 
 @triton.jit
 def visible_keys(rows, cols, seq_k, right_edge, left_edge, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """The (rows, cols) mask of keys each row sees."""
-    visible = cols[None, :] < seq_k
-    if CAUSAL or WINDOW:
-        visible = visible & (cols[None, :] <= rows[:, None] + right_edge)
-    if WINDOW:
-        visible = visible & (cols[None, :] >= rows[:, None] + left_edge)
+    """The (rows, cols) mask of keys each row sees. A causal window's two edges are one unsigned
+    test, 0 <= col - (row + left_edge) <= right_edge - left_edge (a negative difference wraps past
+    it), and no test of the end of the keys, which a causal row before seq_q never passes (rows
+    past it are never stored): one value per row and one compare per score instead of two and three.
+    A window without the mask clips its right edge to the last key per row instead."""
+    if WINDOW and CAUSAL:
+        width = (right_edge - left_edge).to(tl.uint32, bitcast=True)
+        visible = (cols[None, :] - (rows[:, None] + left_edge)).to(tl.uint32, bitcast=True) <= width
+    elif WINDOW:
+        last = tl.minimum(rows + right_edge, seq_k - 1)
+        visible = (cols[None, :] >= rows[:, None] + left_edge) & (cols[None, :] <= last[:, None])
+    else:
+        visible = cols[None, :] < seq_k
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + right_edge)
     return visible
 
 
 @triton.jit
 def forward_key_tiles(
     acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-    rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, start_n, end_n,
+    rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, start_n, end_n, skip_from, skip,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, SKIPS: tl.constexpr, PAD_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Online softmax over key tiles [start_n, end_n) (start_n a multiple of BLOCK_N); MASKED tiles
-    cross an edge of the visible range or the end of the keys. ``qk_scale`` (scale · log2(e)) must
-    be > 0: the host negates q for a negative scale and zeroes it for a zero one. ``row_max`` is in
-    the log2 domain and stays -inf until the row has seen a key."""
+    """Online softmax over key tiles [start_n, end_n) (start_n a multiple of BLOCK_N), or with SKIPS
+    the tiles from ``skip_from`` on moved ``skip`` keys further (a multiple of BLOCK_N: one loop over
+    the tiles on both sides of a run); MASKED tiles cross an edge of the visible range or the end of
+    the keys. ``qk_scale`` (scale · log2(e)) must be > 0: the host negates q for a negative scale
+    and zeroes it for a zero one. ``row_max`` is in the log2 domain and stays -inf until the row
+    has seen a key."""
     if SOFTCAP:
-        tanh_scale = qk_scale / (LOG2E * softcap)  # score · scale / softcap
+        gap_scale = 2.0 * qk_scale / softcap  # 2y·log2(e) for y = score · scale / softcap
         cap = softcap * LOG2E  # the capped score in the log2 domain: nothing left to scale
         score_scale = 1.0
     else:
         score_scale = qk_scale
-    for tile_start in range(start_n, end_n, BLOCK_N):
+    for step_start in range(start_n, end_n, BLOCK_N):
+        tile_start = step_start
+        if SKIPS:
+            tile_start = step_start + tl.where(step_start >= skip_from, skip, 0)
         cols = tile_start + offs_n
         k = load_tile(tile_pointers(k_base, cols, stride_kn, offs_d, stride_kd), cols, seq_k, offs_d, HEAD_DIM,
                       MASKED, PAD_D)
@@ -130,7 +142,7 @@ def forward_key_tiles(
                       MASKED, PAD_D)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled (capped: log2 domain)
         if SOFTCAP:
-            scores = cap * tanh(scores * tanh_scale)
+            scores = cap - (2.0 * cap) * tanh_gap(scores * gap_scale)  # cap · tanh(y)
         if MASKED:  # -inf times a positive scale stays -inf
             scores = tl.where(visible_keys(rows, cols, seq_k, right_edge, left_edge, CAUSAL, WINDOW), scores,
                               float("-inf"))
@@ -154,29 +166,32 @@ def forward_visible_tiles(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """The key tiles [lo, hi) of rows first_row..last_row: the ones before the unmasked run (a
-    window's left edge), the unmasked run, the ones after it (the diagonal, the end of the keys).
-    Three loops rather than one loop that tests each tile: a branch inside the loop hides the
-    chain of the two dot products from Triton 3.9 (the probabilities then pass through shared
-    memory) or, around the whole step, stops the software pipelining of the K/V loads."""
+    """The key tiles [lo, hi) of rows first_row..last_row: the unmasked run, then the tiles after it
+    (the diagonal, the end of the keys) and, under WINDOW, those before it (the window's left edge)
+    in the same masked loop. Separate loops for the run and the masked tiles rather than one loop
+    that tests each tile: a branch inside the loop hides the chain of the two dot products from
+    Triton 3.9 (the probabilities then pass through shared memory) or, around the whole step, stops
+    the software pipelining of the K/V loads; and one masked loop rather than one per side: a
+    third software-pipelined loop spilled the largest tiles at head dim 128 (56-72 B of stack)."""
     full_lo, full_hi = unmasked_tiles(lo, hi, first_row, last_row, seq_k, right_edge, left_edge, BLOCK_N, CAUSAL,
                                       WINDOW)
-    if WINDOW:
+    acc, row_max, row_sum = forward_key_tiles(
+        acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, full_lo, full_hi, 0, 0,
+        HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, False, False, PAD_D, DOT_PRECISION,
+    )
+    if WINDOW:  # [lo, full_lo) then [full_hi, hi)
         acc, row_max, row_sum = forward_key_tiles(
             acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, lo, full_lo,
-            HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, True, PAD_D, DOT_PRECISION,
+            rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, lo, hi - (full_hi - full_lo),
+            full_lo, full_hi - full_lo, HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, True, True, PAD_D, DOT_PRECISION,
         )
-    acc, row_max, row_sum = forward_key_tiles(
-        acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, full_lo, full_hi,
-        HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, False, PAD_D, DOT_PRECISION,
-    )
-    acc, row_max, row_sum = forward_key_tiles(
-        acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, full_hi, hi,
-        HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, True, PAD_D, DOT_PRECISION,
-    )
+    else:
+        acc, row_max, row_sum = forward_key_tiles(
+            acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, full_hi, hi, 0, 0,
+            HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, True, False, PAD_D, DOT_PRECISION,
+        )
     return acc, row_max, row_sum
 
 

@@ -21,9 +21,10 @@ from triton_aot import ARCHS, run_aot
 pytest.importorskip("triton")
 
 from fastgpt.kernels import attention as triton_attention  # noqa: E402
+from fastgpt.kernels import attention_configs  # noqa: E402
 from fastgpt.kernels.attention_configs import (  # noqa: E402
-    CONFIGS, DECODE_MAX_ROWS, SHARED_MEMORY_LIMITS, decode_blocks, decode_candidates, decode_tile, resources,
-    select_blocks, unsupported_reason,
+    CONFIGS, DECODE_MAX_ROWS, SHARED_MEMORY_LIMITS, VARIANT_SPILLING_TILES, decode_blocks, decode_candidates,
+    decode_tile, resources, select_blocks, unsupported_reason,
 )
 from fastgpt.kernels.attention_resources import RESOURCES  # noqa: E402
 
@@ -142,6 +143,29 @@ KNOWN_SPILLS = {
 }
 
 
+@pytest.mark.parametrize("flags", [{}, {"WINDOW": True}, {"SOFTCAP": True}, {"VARLEN": True}], ids=str)
+def test_variant_calls_are_not_offered_the_tiles_their_specialization_spills_in(monkeypatch, flags):
+    """The autotuner's pruner drops VARIANT_SPILLING_TILES for a call using one of their variants
+    (on an sm_90 at head dim 128, bf16) and offers a plain call exactly the plain selection."""
+    import torch
+
+    monkeypatch.setattr(attention_configs, "device_limits", lambda device: ("hopper", SHARED_MEMORY_LIMITS["sm_90"]))
+    names = {name.lower() for name in flags}
+    dropped = set()
+    for kernel in CONFIGS:
+        configs = [attention_configs._as_config(b) for b in attention_configs.all_blocks(CONFIGS[kernel])]
+        named_args = {"q_ptr": torch.empty(0, dtype=torch.bfloat16), "seq_q": 4096, "seq_k": 4096}
+        pruned = attention_configs._pruner(kernel)(configs, named_args, HEAD_DIM_PADDED=128, CAUSAL=True,
+                                                   **{"WINDOW": False, "SOFTCAP": False, "VARLEN": False, **flags})
+        offered = {attention_configs._blocks_of(c) for c in pruned}
+        plain = set(select_blocks(kernel, "hopper", SHARED_MEMORY_LIMITS["sm_90"], 128, 2, 4096, 4096))
+        kept = {(kernel, b) for b in plain if VARIANT_SPILLING_TILES.get((kernel, "hopper", 2, 128, b), set()) & names}
+        assert offered and offered == plain - {b for _, b in kept}, (kernel, offered, plain)
+        dropped |= kept
+    # the Hopper 128x128 forward spills with a window or packed sequences, its 64x64 dQ with packed sequences
+    assert bool(dropped) == bool(names & {"window", "varlen"}), dropped
+
+
 # ----------------------------------------------------------------------------- ahead-of-time compiles
 
 
@@ -182,35 +206,35 @@ def test_forward_folds_the_scale_into_exp2(records):
     assert not over, f"(arch, tile): (FMULs, at most): {over}"
 
 
-# (spec name, arch) -> stack bytes of the variant specializations (window, soft cap, packed
-# sequences) that spill: the largest forward and dK/dV tiles at head dim 128, already at 255
-# registers in plain causal attention, spill a few values for the window's edges and the tanh
-# (8-40 B, outside the no-spill rule of the plain kernels); a new entry or more bytes fail.
-VARIANT_SPILLS = {
-    ("forward d=128 bf16 causal window softcap M=128 N=64 w=8 s=3", 80): 40,
-    ("forward d=128 bf16 causal window softcap M=128 N=128 w=8 s=2", 90): 8,
-    ("backward_dkdv d=128 bf16 causal window softcap M=32 N=64 w=8 s=2", 80): 8,
-    ("backward_dkdv d=128 bf16 causal window softcap M=16 N=128 w=8 s=2", 90): 16,
-    ("forward d=128 bf16 full window softcap varlen M=128 N=64 w=8 s=3", 80): 24,
-    ("forward d=128 bf16 full window softcap varlen M=128 N=128 w=8 s=2", 90): 32,
-    ("backward_dkdv d=128 bf16 full window softcap varlen M=32 N=64 w=8 s=2", 80): 40,
-    ("backward_dkdv d=128 bf16 full window softcap varlen M=16 N=128 w=8 s=2", 90): 40,
-}
+def _variant_names(record):
+    return {"window", "softcap", "varlen"} & set(record["name"].split())
 
 
 def test_variants_compile_in_every_selectable_configuration(records):
-    """The window, soft-cap and packed-sequence specializations (tanh from exp2, per-tile mask tests,
-    sequence offsets read in the kernel) compile for sm_80 and sm_90 in every configuration the
-    launchers pick at head dim 128 in bf16, the decode kernel in its first tile, with the shared
-    memory the table lists for the plain kernels (test_compiled_resources_match_the_table) and
-    no stack frame beyond VARIANT_SPILLS."""
-    variants = [r for r in records if {"window", "softcap", "varlen"} & set(r["name"].split())]
+    """The window, soft-cap and packed-sequence specializations (tanh from one exp2, per-tile mask
+    tests, sequence offsets read in the kernel) compile for sm_80 and sm_90 without a stack frame
+    (no spills) in every configuration the launchers pick for them at head dim 128 in bf16, the
+    decode kernel in its first tile, with the shared memory the table lists for the plain kernels
+    (test_compiled_resources_match_the_table). The tiles VARIANT_SPILLING_TILES keeps from such
+    calls are compiled too: each must still spill in some variant it names (else it can go)."""
+    variants = [r for r in records if _variant_names(r)]
     assert {r["name"].split()[0] for r in variants} == {"forward", "backward_dkdv", "backward_dq", "decode"}
     assert {r["arch"] for r in variants if "varlen" in r["name"]} == set(ARCHS)
-    stacks = {(r["name"], r["arch"]): r["stack"] for r in variants if r["stack"]}
-    grown = {spec: (stack, VARIANT_SPILLS.get(spec, 0)) for spec, stack in stacks.items()
-             if stack > VARIANT_SPILLS.get(spec, 0)}
-    assert not grown, f"(spec, arch): (stack bytes, pinned): {grown}"
+
+    def tile(r):
+        kernel, arch, itemsize, padded, blocks = r["key"]
+        return kernel, arch, itemsize, padded, tuple(blocks)
+
+    def kept_from(r):
+        return VARIANT_SPILLING_TILES.get(tile(r), set()) & _variant_names(r)
+
+    spilling = {(r["name"], r["arch"]): r["stack"] for r in variants if r["stack"] and not kept_from(r)}
+    assert not spilling, f"(spec, arch): stack bytes: {spilling}"
+    kept = {entry: 0 for entry in VARIANT_SPILLING_TILES}
+    for r in variants:
+        if kept_from(r):
+            kept[tile(r)] = max(kept[tile(r)], r["stack"])
+    assert all(kept.values()), f"VARIANT_SPILLING_TILES entries that no longer spill (stack bytes): {kept}"
 
 
 def _print_table(records):
@@ -229,7 +253,7 @@ def _differences(records, exact_registers):
     """Records whose compiled shared memory differs from the table, or whose stack does (exceeds
     it, for a variant the table stands for: bf16, no mask), or registers when asked. The window,
     soft-cap and packed-sequence specializations are held to the table's shared memory only (their
-    stack is pinned in VARIANT_SPILLS)."""
+    stack is checked by test_variants_compile_in_every_selectable_configuration)."""
     wrong = []
     for r in records:
         if not r["key"]:
