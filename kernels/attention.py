@@ -254,19 +254,31 @@ _AOT_VARIANTS = (
 )
 
 
-def _selectable(padded_head_dim, itemsize, variant, spilling=False):
+# Variants whose specializations CI compiles only in the tiles VARIANT_SPILLING_TILES keeps from
+# them, to show those still spill there (a non-causal window, causal packed sequences: 8-16 B in
+# the Hopper 128x128 forward). Their other tiles are not checked (see the note in
+# tests/test_attention_triton_aot.py).
+_AOT_SPILLING_VARIANTS = (
+    Variant(causal=False, window=(512, 64)),
+    Variant(causal=True, cu_seqlens_q=_meta(_AOT_BATCH + 1, dtype=torch.int32),
+            cu_seqlens_k=_meta(_AOT_BATCH + 1, dtype=torch.int32), max_seqlen_q=_AOT_SEQ, max_seqlen_k=_AOT_SEQ),
+)
+
+
+def _selectable(padded_head_dim, itemsize, variant, spilling=False, picked=True):
     """``only`` for _training_specs: the configurations each generation's launcher may pick at long
-    sequences (on sm_80's and sm_90's shared memory) for ``variant``'s calls, and with ``spilling``
-    the tiles VARIANT_SPILLING_TILES keeps from them (compiled to show they still spill)."""
+    sequences (on sm_80's and sm_90's shared memory) for ``variant``'s calls (unless not
+    ``picked``), and with ``spilling`` the tiles VARIANT_SPILLING_TILES keeps from them (compiled
+    to show they still spill)."""
     limits = {arch: SHARED_MEMORY_LIMITS[f"sm_{target}"] for target, arch in ARCH_OF_TARGET.items()}
 
     def only(kernel, arch):
-        picked = select_blocks(kernel, arch, limits[arch], padded_head_dim, itemsize, _AOT_SEQ, _AOT_SEQ,
-                               variant.names())
+        selected = select_blocks(kernel, arch, limits[arch], padded_head_dim, itemsize, _AOT_SEQ, _AOT_SEQ,
+                                 variant.names())
         kept_from = [b for b in CONFIGS[kernel][arch, itemsize]
                      if VARIANT_SPILLING_TILES.get((kernel, arch, itemsize, padded_head_dim, b), frozenset())
                      & variant.names()]
-        return picked + kept_from if spilling else picked
+        return (selected if picked else []) + (kept_from if spilling else [])
 
     return only
 
@@ -276,7 +288,8 @@ def aot_compile_specs():
     configuration the launchers can pick for head dim 64 in fp16 without a mask and head dim 128
     in bf16 with the causal mask (the performance target), the smallest decode tile and the
     merge, and the backward preprocess; and at head dim 128 in bf16 the variants (``_AOT_VARIANTS``)
-    in every configuration the launchers pick at long sequences, the decode kernel in its first tile."""
+    in every configuration the launchers pick at long sequences and the ones VARIANT_SPILLING_TILES
+    keeps from them, the decode kernel in its first tile (``_AOT_SPILLING_VARIANTS`` only in the latter)."""
     specs = []
     for head_dim, dtype, variant in ((64, torch.float16, Variant(causal=False)), (128, torch.bfloat16, CAUSAL)):
         o, do = (_meta(_AOT_BATCH, _AOT_HEADS, _AOT_SEQ, head_dim, dtype=dtype) for _ in range(2))
@@ -292,4 +305,7 @@ def aot_compile_specs():
         if not variant.varlen:
             specs += _decode_specs(128, torch.bfloat16, variant, list(ARCH_OF_TARGET), block_m=16,
                                    tiles=DECODE_TILES[2][:1])
+    for variant in _AOT_SPILLING_VARIANTS:
+        specs += _training_specs(128, torch.bfloat16, variant, list(ARCH_OF_TARGET),
+                                 only=_selectable(128, 2, variant, spilling=True, picked=False))
     return specs

@@ -58,9 +58,10 @@ CONFIGS = {"forward": FORWARD_CONFIGS, "backward_dkdv": DKDV_CONFIGS, "backward_
 # stack frame (spills) where the plain kernel does not, so a call using one of the listed variants
 # does not pick them: (kernel, generation, bytes per element, padded head dim, tile) -> variants.
 # At head dim 128 the Hopper 128x128 forward uses all 255 registers in plain causal attention and
-# spills 8-16 B (before its key loops, reloaded for the output store) with a window or packed
-# sequences; its 64x64 dQ tile 8-56 B with packed sequences. tests/test_attention_triton_aot.py
-# compiles these tiles in the variants it checks and fails when an entry no longer spills.
+# spills 8-16 B (stored before its key loops, reloaded for the output store) with a non-causal
+# window or packed sequences; its 64x64 dQ tile 8-56 B with packed sequences.
+# tests/test_attention_triton_aot.py compiles these tiles in such variants and fails when an entry
+# no longer spills.
 VARIANT_SPILLING_TILES = {
     ("forward", "hopper", 2, 128, (128, 128, 8, 2)): frozenset({"window", "varlen"}),
     ("backward_dq", "hopper", 2, 128, (64, 64, 4, 2)): frozenset({"varlen"}),

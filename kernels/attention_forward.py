@@ -127,8 +127,7 @@ def forward_key_tiles(
     has seen a key."""
     if SOFTCAP:
         gap_scale = 2.0 * qk_scale / softcap  # 2y·log2(e) for y = score · scale / softcap
-        cap = softcap * LOG2E  # the capped score in the log2 domain: nothing left to scale
-        score_scale = 1.0
+        score_scale = softcap * LOG2E  # softcap · tanh(y) in the log2 domain
     else:
         score_scale = qk_scale
     for step_start in range(start_n, end_n, BLOCK_N):
@@ -140,9 +139,9 @@ def forward_key_tiles(
                       MASKED, PAD_D)
         v = load_tile(tile_pointers(v_base, cols, stride_vn, offs_d, stride_vd), cols, seq_k, offs_d, HEAD_DIM,
                       MASKED, PAD_D)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled (capped: log2 domain)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled
         if SOFTCAP:
-            scores = cap - (2.0 * cap) * tanh_gap(scores * gap_scale)  # cap · tanh(y)
+            scores = 1.0 - 2.0 * tanh_gap(scores * gap_scale)  # tanh(y); the cap is score_scale
         if MASKED:  # -inf times a positive scale stays -inf
             scores = tl.where(visible_keys(rows, cols, seq_k, right_edge, left_edge, CAUSAL, WINDOW), scores,
                               float("-inf"))
