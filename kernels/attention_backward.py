@@ -111,11 +111,10 @@ def dkdv_query_tiles(
             if WINDOW:
                 visible_t = visible_t & (cols[:, None] >= rows[None, :] + left_edge)
             probs_t = tl.where(visible_t, probs_t, 0.0)
-        probs_16 = probs_t.to(do.dtype)
+        dv = tl.dot(probs_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         if SOFTCAP:  # d/ds of softcap · tanh(s · scale / softcap) is scale · (1 - tanh²) (scale comes at
-            # the end): folded into P now, so neither the tanh nor fp32 P stays live across the dots
+            # the end): folded into P, so the tanh is not live across the second dot
             probs_t = probs_t * (gap_t * (4.0 - 4.0 * gap_t))
-        dv = tl.dot(probs_16, do, dv, input_precision=DOT_PRECISION)
         dprobs_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dscores_t = probs_t * (dprobs_t - delta[None, :])
         dk = tl.dot(dscores_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
