@@ -33,7 +33,7 @@ from fastgpt.data import ByteDataset
 from fastgpt.nn import GPTConfig
 from fastgpt.train import Trainer, TrainConfig
 
-STEPS, SAVED_AT = 12, 6
+STEPS, SAVED_AT = 20, 10
 TOLERANCE = 1e-5  # per-step losses: DDP sums the ranks' gradients in another order than one process does
 FSDP_STEPS, FSDP_SAVED_AT = 20, 10
 FSDP_TOLERANCE = 1e-4  # FSDP reduce-scatters shards and takes the norm of DTensor shards: more roundings
