@@ -14,8 +14,9 @@ compiles, fp32 ones slow). On Hopper the large forward tiles must reach wgmma (H
 The window, soft-cap and packed-sequence specializations have a table of their own
 (``fastgpt.kernels.attention_variant_resources``, ``benchmarks/aot_table.py --variants``): their
 stack bytes in every tile a variant call can be offered, 16-bit, head dims <= 128, from which the
-selection offers such a call only tiles that compile without spills for it: every tile offered
-must be listed and clean. fp32 variants are not in it (the plain kernels' stack stands for them).
+selection offers such a call only tiles that compile without spills for it. It is checked the same
+three ways: offline (every tile offered is listed and clean), a CI sample, and the whole table
+under FASTGPT_AOT_FULL=1. fp32 variants are not in it (the plain kernels' stack stands for them).
 """
 
 import os
@@ -256,6 +257,39 @@ def test_forward_folds_the_scale_into_exp2(records):
     assert not over, f"(arch, tile): (FMULs, at most): {over}"
 
 
+@pytest.fixture(scope="module")
+def variant_records():
+    return run_aot("fastgpt.kernels.attention", "variant_sample_specs", jobs=2)
+
+
+def _variant_differences(records):
+    """Records of variant specializations whose stack differs from the variant table, or whose
+    shared memory differs from the plain table's (which decides the fit for every specialization)."""
+    wrong = []
+    for r in records:
+        kernel, arch, itemsize, padded, blocks, combo = r["key"]
+        stack = VARIANT_STACK.get((kernel, arch, itemsize, padded, tuple(blocks), combo))
+        shared = resources(kernel, arch, itemsize, padded, blocks)["shared"]
+        if stack != r["stack"] or shared != r["shared"]:
+            wrong.append(f"{r['name']} sm_{r['arch']}: stack {r['stack']} B (table {stack}), "
+                         f"shared {r['shared']} B (plain table {shared})")
+    return wrong
+
+
+def test_variant_sample_recompiles_exactly(variant_records):
+    """CI's sample of the variant table (``variant_sample_specs``: each of the 14 combinations at
+    head dim 128, bf16, for sm_80 and sm_90, in the first tile the selection offers each kernel:
+    96 compiles, 84 s on 2 jobs) compiles to the stack the table lists, which is 0 since
+    the tile is offered, and to the plain table's shared memory. The other head dims, tiles and
+    the spilling entries are recompiled with FASTGPT_AOT_FULL=1."""
+    compiled = {(r["key"][0], r["arch"], r["key"][5]) for r in variant_records}
+    combos = triton_attention.VARIANT_CALLS
+    assert compiled == {(kernel, arch, combo) for kernel in (*CONFIGS, "decode") for arch in ARCHS for combo in combos
+                        if kernel != "decode" or "varlen" not in combo}
+    wrong = _variant_differences(variant_records)
+    assert not wrong, "rerun benchmarks/aot_table.py --variants, or fix the kernel:\n" + "\n".join(wrong)
+
+
 def _print_table(records):
     print()
     print(f"{'kernel':<52} {'arch':>5} {'regs':>5} {'local':>6} {'stack':>6} {'shared':>7}")
@@ -340,3 +374,11 @@ def test_whole_table_recompiles_exactly():
     wrong = _differences(records, exact_registers=True)
     assert not wrong, "rerun benchmarks/aot_table.py:\n" + "\n".join(wrong)
 
+
+@pytest.mark.skipif(not os.environ.get("FASTGPT_AOT_FULL"), reason="the whole variant table: 727 compiles, about "
+                    "21 minutes on 2 jobs; set FASTGPT_AOT_FULL=1 (after changing a kernel or a tile list)")
+def test_whole_variant_table_recompiles_exactly():
+    records = run_aot("fastgpt.kernels.attention", "variant_table_specs", timeout=6 * 3600, jobs=2)
+    assert {(*r["key"][:4], tuple(r["key"][4]), r["key"][5]) for r in records} == set(VARIANT_STACK)
+    wrong = _variant_differences(records)
+    assert not wrong, "rerun benchmarks/aot_table.py --variants:\n" + "\n".join(wrong)
