@@ -16,17 +16,12 @@ Prints a table and writes JSON (default ``benchmarks/results/cpu-<cpu>-<cores>co
 """
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from script_support import default_out, time_interleaved, write_result
 
 import fastgpt.native  # noqa: F401  (loads the extension's ops)
 from fastgpt import _C
@@ -47,46 +42,11 @@ def implementations(q, k, v, causal):
     }
 
 
-def time_interleaved(functions, rounds, min_round_s):
-    """Seconds per call of each function in each round; a round runs every function in turn."""
-    reps = {}
-    for name, fn in functions.items():  # warm up, and size each round to about min_round_s
-        fn()
-        calls, start = 0, time.perf_counter()
-        while time.perf_counter() - start < min_round_s:
-            fn()
-            calls += 1
-        reps[name] = max(1, round(calls * min_round_s / (time.perf_counter() - start)))
-    samples = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            for _ in range(reps[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / reps[name])
-    return samples
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def load_average():
     try:
         return os.getloadavg()
     except OSError:
         return None
-
-
-def default_out():
-    model = cpu_model().lower()
-    brand = "epyc" if "epyc" in model else "xeon" if "xeon" in model else platform.machine()
-    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    name = f"cpu-{brand}-{os.cpu_count()}core-{date}-attention-bf16.json"
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
 
 
 def main(argv=None):
@@ -97,7 +57,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu-...-attention-bf16.json)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 7)
-    out = args.out or default_out()
+    out = args.out or default_out("attention-bf16")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -126,23 +86,17 @@ def main(argv=None):
                 print(f"{case:<30} {record['ms']['native']:10.2f} {record['ms']['sdpa']:10.2f} "
                       f"{record['sdpa_over_native']:11.2f}x  ({min(ratios):.2f}-{max(ratios):.2f})", flush=True)
 
-    result = {
-        "schema": "fastgpt-attention-bf16-bench/1",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-        "commit": git_commit(),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "build_info": _C.build_info(),
-                    "load_average_before": load_before, "load_average_after": load_average()},
-        "settings": {"rounds": rounds, "min_round_s": MIN_ROUND_S,
-                     "statistic": "ms: median over rounds of the mean per call in a round; sdpa_over_native: "
-                                  "median over rounds of the per-round ratio (range: fastest and slowest round)"},
-        "measurements": measurements,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    write_result(
+        out,
+        "fastgpt-attention-bf16-bench/1",
+        machine={"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                 "torch": torch.__version__, "build_info": _C.build_info(),
+                 "load_average_before": load_before, "load_average_after": load_average()},
+        settings={"rounds": rounds, "min_round_s": MIN_ROUND_S,
+                  "statistic": "ms: median over rounds of the mean per call in a round; sdpa_over_native: "
+                               "median over rounds of the per-round ratio (range: fastest and slowest round)"},
+        measurements=measurements,
+    )
 
 
 if __name__ == "__main__":

@@ -19,17 +19,12 @@ Prints a table of milliseconds, ratios and GB/s of K/V read, and writes JSON (de
 """
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from script_support import default_out, time_interleaved, write_result
 
 import fastgpt.native  # noqa: F401  (loads the extension's ops)
 from fastgpt import _C
@@ -93,43 +88,6 @@ def set_route(route):
     torch.ops.fastgpt._set_cpu_decode(route, 0)
 
 
-def time_interleaved(cases, rounds, min_round_s):
-    """Seconds per call of each (route, function) in each round; a round runs every function in turn."""
-    reps = {}
-    for name, (route, fn) in cases.items():  # warm up, and size each round to about min_round_s
-        set_route(route)
-        fn()
-        calls, start = 0, time.perf_counter()
-        while time.perf_counter() - start < min_round_s:
-            fn()
-            calls += 1
-        reps[name] = max(1, round(calls * min_round_s / (time.perf_counter() - start)))
-    samples = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, (route, fn) in cases.items():
-            set_route(route)
-            start = time.perf_counter()
-            for _ in range(reps[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / reps[name])
-    return samples
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def default_out():
-    model = cpu_model().lower()
-    brand = "epyc" if "epyc" in model else "xeon" if "xeon" in model else platform.machine()
-    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    name = f"cpu-{brand}-{os.cpu_count()}core-{date}-decode.json"
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="four cases, fewer rounds (a smoke run)")
@@ -137,7 +95,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu-...-decode.json)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (5 if args.quick else 15)
-    out = args.out or default_out()
+    out = args.out or default_out("decode")
 
     torch.manual_seed(0)
     measurements = []
@@ -147,7 +105,9 @@ def main(argv=None):
     try:
         for batch, heads, kv_heads, queries, keys, head_dim, dtype in (QUICK_CASES if args.quick else CASES):
             q, k, v = make_inputs(batch, heads, kv_heads, queries, keys, head_dim, dtype)
-            samples = time_interleaved(implementations(q, k, v), rounds, MIN_ROUND_S)
+            impls = implementations(q, k, v)
+            samples = time_interleaved({name: fn for name, (_, fn) in impls.items()}, rounds, MIN_ROUND_S,
+                                       before=lambda name: set_route(impls[name][0]))
             # the median is the figure; the fastest round shows what the code does when the machine is quiet
             seconds = {name: statistics.median(times) for name, times in samples.items()}
             kv_bytes = 2 * k.numel() * k.element_size()
@@ -172,21 +132,16 @@ def main(argv=None):
     finally:
         set_route("rule")
 
-    result = {
-        "schema": "fastgpt-decode-bench/1",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-        "commit": git_commit(),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "build_info": _C.build_info()},
-        "settings": {"rounds": rounds, "min_round_s": MIN_ROUND_S, "statistic": "ms: median over rounds of the mean per call in a round; ms_fastest_round: the fastest round",
-                     "timed": "ms: native (routed by rule), decode (forced), tiles (forced), sdpa, copy of K+V"},
-        "measurements": measurements,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    write_result(
+        out,
+        "fastgpt-decode-bench/1",
+        machine={"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                 "torch": torch.__version__, "build_info": _C.build_info()},
+        settings={"rounds": rounds, "min_round_s": MIN_ROUND_S,
+                  "statistic": "ms: median over rounds of the mean per call in a round; ms_fastest_round: the fastest round",
+                  "timed": "ms: native (routed by rule), decode (forced), tiles (forced), sdpa, copy of K+V"},
+        measurements=measurements,
+    )
 
 
 if __name__ == "__main__":

@@ -21,17 +21,12 @@ Prints milliseconds and ratios and writes JSON (default
 """
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from script_support import default_out, time_interleaved, write_result
 
 import fastgpt
 from fastgpt import _C
@@ -135,40 +130,12 @@ def varlen_implementations(lengths, heads, head_dim, dtype, device):
     }
 
 
-def synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(fns, rounds, min_round_s, device):
-    """Seconds per call of each function in each round; a round runs every function in turn."""
-    reps = {}
-    for name, fn in fns.items():  # warm up, and size each round to about min_round_s
-        fn()
-        synchronize(device)
-        calls, start = 0, time.perf_counter()
-        while time.perf_counter() - start < min_round_s or calls == 0:
-            fn()
-            synchronize(device)
-            calls += 1
-        reps[name] = max(1, round(calls * min_round_s / (time.perf_counter() - start)))
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(reps[name]):
-                fn()
-            synchronize(device)
-            samples[name].append((time.perf_counter() - start) / reps[name])
-    return samples
-
-
 def measure(impls, rounds, device):
     """{"forward": {...}, "forward_backward": {...}}: median ms, fastest round ms per implementation."""
     result = {}
     for index, pass_name in enumerate(("forward", "forward_backward")):
-        samples = time_interleaved({name: fns[index] for name, fns in impls.items()}, rounds, MIN_ROUND_S, device)
+        samples = time_interleaved({name: fns[index] for name, fns in impls.items()}, rounds, MIN_ROUND_S,
+                                   synchronize=torch.cuda.synchronize if device == "cuda" else None)
         result[pass_name] = {
             "ms": {name: statistics.median(times) * 1e3 for name, times in samples.items()},
             "ms_fastest_round": {name: min(times) * 1e3 for name, times in samples.items()},
@@ -182,28 +149,6 @@ def ratios(timings, baselines):
         pass_name: {f"{b}_over_fastgpt": t["ms"][b] / t["ms"]["fastgpt"] for b in baselines if b in t["ms"]}
         for pass_name, t in timings.items()
     }
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def machine_name(device):
-    """The results-file prefix: cpu-<brand>-<cores>core, or gpu-<model>."""
-    if device == "cuda":
-        return "gpu-" + torch.cuda.get_device_name().lower().replace("nvidia", "").strip().replace(" ", "-")
-    model = cpu_model().lower()
-    brand = "epyc" if "epyc" in model else "xeon" if "xeon" in model else platform.machine()
-    return f"cpu-{brand}-{os.cpu_count()}core"
-
-
-def default_out(device):
-    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    name = f"{machine_name(device)}-{date}-window.json"
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
 
 
 def machine_facts(device):
@@ -233,7 +178,7 @@ def main(argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
     rounds = args.rounds or (3 if args.quick else 7)
-    out = args.out or default_out(device)
+    out = args.out or default_out("window", device)
     torch.manual_seed(0)
 
     measurements = []
@@ -256,24 +201,18 @@ def main(argv=None):
         measurements.append(record)
         print_record(f"varlen {list(lengths)} h{heads} d{head_dim} {record['dtype']}", record)
 
-    result = {
-        "schema": "fastgpt-window-bench/2",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-        "commit": git_commit(),
-        "machine": machine_facts(device),
-        "settings": {
+    write_result(
+        out,
+        "fastgpt-window-bench/2",
+        machine=machine_facts(device),
+        settings={
             "device": device, "backend": KERNEL_BACKEND[device], "rounds": rounds, "min_round_s": MIN_ROUND_S,
             "statistic": "ms: median over rounds of the mean per call in a round; ms_fastest_round: the fastest round",
             "timed": f"public ops (fastgpt.ops.attention / varlen_attention with backend='{KERNEL_BACKEND[device]}', "
                      "F.scaled_dot_product_attention); forward_backward includes the backward through autograd",
         },
-        "measurements": measurements,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+        measurements=measurements,
+    )
 
 
 if __name__ == "__main__":

@@ -242,6 +242,13 @@ def run_train(args):
         finally:
             if trainer.skipped:
                 say(f"skipped {trainer.skipped} step(s) whose loss or gradients were not finite")
+        model = trainer.model
+        if args.fsdp and context.is_main and args.sample_tokens:
+            # a sharded model's weights are spread over the ranks: read the checkpoint back whole while
+            # --out is still locked (a later run could replace it), outside the process group (else
+            # the load would wait for the other ranks)
+            distributed.shutdown(context)
+            model = load_model(ckpt_file, device, args.backend)[0]
     finally:
         distributed.shutdown(context)
         if lock is not None:
@@ -251,9 +258,8 @@ def run_train(args):
     try:
         print(f"checkpoint: {ckpt_file}")
         if args.sample_tokens:
-            # a sharded model's weights are spread over the ranks, which are gone: read them back whole
-            model = load_model(ckpt_file, device, args.backend)[0] if args.fsdp else trainer.model.eval()
-            out = model.generate(encode("def ").long()[None].to(device), args.sample_tokens, temperature=0.8, top_k=40)
+            prompt = encode("def ").long()[None].to(device)
+            out = model.eval().generate(prompt, args.sample_tokens, temperature=0.8, top_k=40)
             print("sample:\n" + decode(out[0]))
     except KeyboardInterrupt:
         print("interrupted while sampling; the checkpoint is saved", file=sys.stderr)

@@ -231,11 +231,15 @@ class GPT(nn.Module):
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         """Logits ``(batch, seq, vocab)`` and, given targets, the mean cross-entropy (else None).
 
         With a ``kv_cache``, ``idx`` holds only the new tokens; they attend to the cached ones too.
+        ``last_only`` computes the logits of the last position only, ``(batch, 1, vocab)``: all
+        that sampling needs (a 4k-token prompt's other logits cost as much as a layer's matmuls).
         """
+        if last_only and targets is not None:
+            raise ValueError("last_only=True gives no loss: pass targets=None with it")
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, seq), got {tuple(idx.shape)}")
         start = kv_cache.length if kv_cache is not None else 0
@@ -256,7 +260,7 @@ class GPT(nn.Module):
             x, _ = self.final_norm(x, residual)
         if kv_cache is not None:
             kv_cache.length = end
-        logits = self.lm_head(x)
+        logits = self.lm_head(x[:, -1:] if last_only else x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -283,7 +287,7 @@ class GPT(nn.Module):
                 # (re)fill the cache from the most recent tokens, leaving room to go on
                 keep = idx[:, -(window // 2 if cache is not None else window) :]
                 cache = KVCache(self.config, idx.shape[0], idx.device, dtype)
-                logits, _ = self(keep, kv_cache=cache)
+                logits, _ = self(keep, kv_cache=cache, last_only=True)
             else:
                 logits, _ = self(idx[:, -1:], kv_cache=cache)
             next_token = sample_next_token(logits[:, -1].float(), temperature, top_k, generator)

@@ -23,9 +23,11 @@ from .attention_backward import (
     launch_backward, preprocess_launch,
 )
 from .attention_configs import (
-    ARCH_OF_TARGET, CONFIGS, DECODE_MAX_ROWS, DECODE_TILES, DECODE_WARPS, SHARED_MEMORY_LIMITS, VARIANT_SPILLING_TILES,
-    Variant, device_limits, head_dim_padded, select_blocks, shape_constexprs, unsupported_reason,
+    ARCH_OF_TARGET, CONFIGS, DECODE_MAX_ROWS, DECODE_TILES, DECODE_WARPS, SHARED_MEMORY_LIMITS, VARIANT_NAMES,
+    Variant, decode_blocks, decode_tile, device_limits, head_dim_padded, select_blocks, shape_constexprs,
+    unsupported_reason,
 )
+from .attention_variant_resources import VARIANT_STACK
 from .attention_decode import DecodePlan, decode_launches, decode_plan
 from .attention_forward import attention_forward_kernel, forward_args, launch_forward
 from .launch import KernelLaunch, aot_spec, on_device, triton_type_name
@@ -243,53 +245,96 @@ def ampere_variant_specs():
 
 
 CAUSAL = Variant(causal=True)
-# The attention variants compiled in CI: a causal sliding window with a soft cap (Gemma 2's
-# attention), and packed sequences under a two-sided window and a soft cap; between them every
-# branch the variants add to the kernels.
-_AOT_VARIANTS = (
-    Variant(causal=True, window=(512, 0), softcap=50.0),
-    Variant(causal=False, window=(512, 64), softcap=50.0,
-            cu_seqlens_q=_meta(_AOT_BATCH + 1, dtype=torch.int32),
-            cu_seqlens_k=_meta(_AOT_BATCH + 1, dtype=torch.int32), max_seqlen_q=_AOT_SEQ, max_seqlen_k=_AOT_SEQ),
-)
 
 
-# Variants whose specializations CI compiles only in the tiles VARIANT_SPILLING_TILES keeps from
-# them, to show those still spill there (a non-causal window, causal packed sequences: 8-16 B in
-# the Hopper 128x128 forward). Their other tiles are not checked (see the note in
-# tests/test_attention_triton_aot.py).
-_AOT_SPILLING_VARIANTS = (
-    Variant(causal=False, window=(512, 64)),
-    Variant(causal=True, cu_seqlens_q=_meta(_AOT_BATCH + 1, dtype=torch.int32),
-            cu_seqlens_k=_meta(_AOT_BATCH + 1, dtype=torch.int32), max_seqlen_q=_AOT_SEQ, max_seqlen_k=_AOT_SEQ),
-)
+def _variant(causal, names):
+    """A call of the specialization ``causal`` with ``names`` (of VARIANT_NAMES): a 512-key window
+    (64 to the right without the mask), a soft cap of 50, _AOT_BATCH packed sequences of at most
+    _AOT_SEQ tokens. The values are run-time arguments: only which options are on is compiled in."""
+    packed = dict(cu_seqlens_q=_meta(_AOT_BATCH + 1, dtype=torch.int32),
+                  cu_seqlens_k=_meta(_AOT_BATCH + 1, dtype=torch.int32), max_seqlen_q=_AOT_SEQ, max_seqlen_k=_AOT_SEQ)
+    return Variant(causal, window=((512, 0) if causal else (512, 64)) if "window" in names else None,
+                   softcap=50.0 if "softcap" in names else 0.0, **(packed if "varlen" in names else {}))
 
 
-def _selectable(padded_head_dim, itemsize, variant, spilling=False, picked=True):
-    """``only`` for _training_specs: the configurations each generation's launcher may pick at long
-    sequences (on sm_80's and sm_90's shared memory) for ``variant``'s calls (unless not
-    ``picked``), and with ``spilling`` the tiles VARIANT_SPILLING_TILES keeps from them (compiled
-    to show they still spill)."""
-    limits = {arch: SHARED_MEMORY_LIMITS[f"sm_{target}"] for target, arch in ARCH_OF_TARGET.items()}
+# The specializations attention_variant_resources lists (14): causal or not, with every non-empty
+# set of a window, a soft cap and packed sequences, by their ``combination`` names.
+_OPTION_SETS = [[n for i, n in enumerate(VARIANT_NAMES) if mask >> i & 1] for mask in range(1, 2 ** len(VARIANT_NAMES))]
+VARIANT_CALLS = {variant.combination(): variant
+                 for causal in (True, False) for variant in (_variant(causal, names) for names in _OPTION_SETS)}
+VARIANT_HEAD_DIMS = (16, 32, 64, 128)  # padded head dims of the variant table (16-bit only: fp32 is out of its scope)
+VARIANT_DTYPE = torch.bfloat16  # the table's 16-bit dtype (fp16 compiles alike)
 
-    def only(kernel, arch):
-        selected = select_blocks(kernel, arch, limits[arch], padded_head_dim, itemsize, _AOT_SEQ, _AOT_SEQ,
-                                 variant.names())
-        kept_from = [b for b in CONFIGS[kernel][arch, itemsize]
-                     if VARIANT_SPILLING_TILES.get((kernel, arch, itemsize, padded_head_dim, b), frozenset())
-                     & variant.names()]
-        return (selected if picked else []) + (kept_from if spilling else [])
 
-    return only
+def _parts_of(arch):
+    return [part for part in SHARED_MEMORY_LIMITS if _arch_of_target(int(part.removeprefix("sm_"))) == arch]
+
+
+def variant_offered(kernel, arch, padded_head_dim, combo):
+    """The configurations of ``kernel`` a call of the specialization ``combo`` can be offered (the
+    autotuned kernels at long sequences, the decode tile) on any part of generation ``arch``, 16-bit."""
+    offered = []
+    for part in _parts_of(arch):
+        limit = SHARED_MEMORY_LIMITS[part]
+        if kernel == "decode":
+            tile = decode_tile(arch, limit, padded_head_dim, 2)
+            offered += [decode_blocks(*tile)] if tile else []
+        else:
+            offered += select_blocks(kernel, arch, limit, padded_head_dim, 2, _AOT_SEQ, _AOT_SEQ, combo)
+    return list(dict.fromkeys(offered))
+
+
+def _variant_specs(wanted, head_dims=VARIANT_HEAD_DIMS):
+    """Specs of the variant-table configurations ``wanted(kernel, arch, padded head dim, combo)``
+    lists, for every combination at ``head_dims``; each key is the table's key."""
+    specs = []
+    for head_dim in head_dims:
+        for combo, variant in VARIANT_CALLS.items():
+            kernel_specs = _training_specs(head_dim, VARIANT_DTYPE, variant, list(ARCH_OF_TARGET),
+                                           only=lambda kernel, arch: wanted(kernel, arch, head_dim, combo))
+            for target, arch in ([] if variant.varlen else ARCH_OF_TARGET.items()):  # decode takes no packed inputs
+                tiles = [(b[1], b[3]) for b in wanted("decode", arch, head_dim, combo)]
+                kernel_specs += _decode_specs(head_dim, VARIANT_DTYPE, variant, [target], tiles=tiles) if tiles else []
+            for spec in kernel_specs:
+                spec["key"] = [*spec["key"], combo]
+            specs += kernel_specs
+    return specs
+
+
+def variant_sweep_specs():
+    """What ``benchmarks/aot_table.py --variants`` compiles next: the configurations a variant call
+    can be offered that attention_variant_resources does not list yet (the script repeats until
+    none is left, since a spilling tile makes the selection offer others)."""
+    return _variant_specs(lambda kernel, arch, padded, combo: [
+        b for b in variant_offered(kernel, arch, padded, combo)
+        if (kernel, arch, VARIANT_DTYPE.itemsize, padded, b, combo) not in VARIANT_STACK])
+
+
+def variant_table_specs():
+    """Every configuration attention_variant_resources lists, to recompile the whole table."""
+    return _variant_specs(lambda kernel, arch, padded, combo: [
+        blocks for (*table_call, blocks, table_combo) in VARIANT_STACK
+        if table_call == [kernel, arch, VARIANT_DTYPE.itemsize, padded] and table_combo == combo])
+
+
+def variant_sample_specs():
+    """What CI compiles of the variant table: every combination at head dim 128 in the first
+    configuration of each kernel it can be offered (the largest: the most registers), on sm_80
+    for the causal combinations and sm_90 for the others, except packed sequences the other way
+    round, so that each arch sees each option with and without the mask."""
+    def first_offered(kernel, arch, padded, combo):
+        causal, varlen = combo.startswith("causal"), "varlen" in combo
+        wanted_arch = "ampere" if causal != varlen else "hopper"
+        return variant_offered(kernel, arch, padded, combo)[:1] if arch == wanted_arch else []
+
+    return _variant_specs(first_offered, head_dims=(128,))
 
 
 def aot_compile_specs():
     """What tests/test_attention_triton_aot.py compiles for sm_80 and sm_90 in CI: every
     configuration the launchers can pick for head dim 64 in fp16 without a mask and head dim 128
     in bf16 with the causal mask (the performance target), the smallest decode tile and the
-    merge, and the backward preprocess; and at head dim 128 in bf16 the variants (``_AOT_VARIANTS``)
-    in every configuration the launchers pick at long sequences and the ones VARIANT_SPILLING_TILES
-    keeps from them, the decode kernel in its first tile (``_AOT_SPILLING_VARIANTS`` only in the latter)."""
+    merge, and the backward preprocess (the variants: ``variant_sample_specs``)."""
     specs = []
     for head_dim, dtype, variant in ((64, torch.float16, Variant(causal=False)), (128, torch.bfloat16, CAUSAL)):
         o, do = (_meta(_AOT_BATCH, _AOT_HEADS, _AOT_SEQ, head_dim, dtype=dtype) for _ in range(2))
@@ -299,13 +344,4 @@ def aot_compile_specs():
                                preprocess_launch(o, do, delta, PREPROCESS_BLOCK_M), target, None))
         specs += _training_specs(head_dim, dtype, variant, list(ARCH_OF_TARGET))
         specs += _decode_specs(head_dim, dtype, variant, list(ARCH_OF_TARGET), block_m=16, combine=True)
-    for variant in _AOT_VARIANTS:
-        specs += _training_specs(128, torch.bfloat16, variant, list(ARCH_OF_TARGET),
-                                 only=_selectable(128, 2, variant, spilling=True))
-        if not variant.varlen:
-            specs += _decode_specs(128, torch.bfloat16, variant, list(ARCH_OF_TARGET), block_m=16,
-                                   tiles=DECODE_TILES[2][:1])
-    for variant in _AOT_SPILLING_VARIANTS:
-        specs += _training_specs(128, torch.bfloat16, variant, list(ARCH_OF_TARGET),
-                                 only=_selectable(128, 2, variant, spilling=True, picked=False))
     return specs

@@ -1,6 +1,7 @@
 """How the Triton attention kernels are launched: the tiles each GPU generation's autotuner may
 pick, which of them fit the device's shared memory (by their compiled size, from the table in
-``attention_resources``), and the fixed small tile of the interpreter."""
+``attention_resources``), which of them compile without spills for the call's variants (from
+``attention_variant_resources``), and the fixed small tile of the interpreter."""
 
 import dataclasses
 import functools
@@ -11,6 +12,7 @@ import triton
 
 from . import interpreting
 from .attention_resources import RESOURCES
+from .attention_variant_resources import VARIANT_STACK
 
 # Under the interpreter every program runs one after another in numpy: one small tile, no autotuning.
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
@@ -19,12 +21,13 @@ INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 # element). BLOCK_M is the query tile and BLOCK_N the key tile in every kernel. On Hopper a 128-row
 # tile with 8 warps (two warpgroups of 64 rows) lets tl.dot lower to wgmma; K/V (or Q/dO) tiles are
 # software pipelined num_stages deep through shared memory. The small tiles at the end of each 16-bit
-# list (FALLBACK_TILES) are tried only where none of the others fits (head dim 256, 99 KB parts).
-# fp32 runs its products on the tensor cores ("tf32x3", ``dot_precision``) but holds each operand
-# twice (tf32 high and low parts) at twice the bytes per element, so its tiles are smaller: each
-# fp32 list has a tile that compiles without a stack frame (no spills) at every head dim <= 128 on
-# sm_80 and sm_90 (its last), and larger ones the selection keeps where they compile without one
-# too (spilling tiles are dropped while a clean one fits). Whether a tile fits a device is decided
+# list (FALLBACK_TILES) are tried only where none of the others fits (head dim 256, 99 KB parts) or
+# where none of the others compiles without spills for the call's specialization. fp32 runs its
+# products on the tensor cores ("tf32x3", ``dot_precision``) but holds each operand twice (tf32
+# high and low parts) at twice the bytes per element, so its tiles are smaller: each fp32 list has
+# a tile that compiles without a stack frame (no spills) at every head dim <= 128 on sm_80 and
+# sm_90 (its last), and larger ones the selection keeps where they compile without one too
+# (spilling tiles are dropped while a clean one fits). Whether a tile fits a device is decided
 # from its compiled shared memory (``attention_resources``), never from an estimate.
 _SMALL_FORWARD = [(64, 32, 4, 2), (32, 32, 4, 2)]
 FORWARD_CONFIGS = {
@@ -64,18 +67,8 @@ DECODE_MAX_ROWS = 64  # at most this many rows (queries × GQA group size) in on
 DECODE_WARPS = 4
 FALLBACK_TILES = {"forward": _SMALL_FORWARD, "backward_dkdv": _SMALL_DKDV, "backward_dq": _SMALL_DQ}
 CONFIGS = {"forward": FORWARD_CONFIGS, "backward_dkdv": DKDV_CONFIGS, "backward_dq": DQ_CONFIGS}
-# Tiles that the window, soft-cap or packed-sequence specializations of a kernel compile with a
-# stack frame (spills) where the plain kernel does not, so a call using one of the listed variants
-# does not pick them: (kernel, generation, bytes per element, padded head dim, tile) -> variants.
-# At head dim 128 the Hopper 128x128 forward uses all 255 registers in plain causal attention and
-# spills 8-16 B (stored before its key loops, reloaded for the output store) with a non-causal
-# window or packed sequences; its 64x64 dQ tile 8-56 B with packed sequences.
-# tests/test_attention_triton_aot.py compiles these tiles in such variants and fails when an entry
-# no longer spills.
-VARIANT_SPILLING_TILES = {
-    ("forward", "hopper", 2, 128, (128, 128, 8, 2)): frozenset({"window", "varlen"}),
-    ("backward_dq", "hopper", 2, 128, (64, 64, 4, 2)): frozenset({"varlen"}),
-}
+# The variant specializations a call can combine, in the order combination names list them
+VARIANT_NAMES = ("window", "softcap", "varlen")
 ARCH_OF_TARGET = {80: "ampere", 90: "hopper"}  # the compile target each generation's table comes from
 # opt-in shared memory per block: the limits of the parts the tables are checked against
 SHARED_MEMORY_LIMITS = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
@@ -134,30 +127,43 @@ def fitting_blocks(kernel, candidates, arch, shared_limit, padded_head_dim, item
             and usage["shared"] <= shared_limit]
 
 
-def usable_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize):
+def combination(causal, variants=frozenset()):
+    """The name of a call's specialization in ``attention_variant_resources``: "causal" and the
+    ``variants`` used, joined by "+" ("causal+window+varlen", "softcap"); "" or "causal" for the
+    plain kernels of ``attention_resources``."""
+    return "+".join((["causal"] if causal else []) + [name for name in VARIANT_NAMES if name in variants])
+
+
+def stack_bytes(kernel, arch, itemsize, padded_head_dim, blocks, combo=""):
+    """Stack bytes (spills) of one configuration compiled for the specialization ``combo``: from
+    the variant table where it lists it (16-bit, head dims <= 128, the tiles a variant call can be
+    offered), else the plain kernel's (fp32 and head dim 256 variants were not compiled, fp32 being
+    about to move to a tensor-core path: the plain kernel's stack stands for them)."""
+    stack = VARIANT_STACK.get((kernel, arch, itemsize, padded_head_dim, tuple(blocks), combo))
+    return resources(kernel, arch, itemsize, padded_head_dim, blocks)["stack"] if stack is None else stack
+
+
+def usable_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize, combo=""):
     """The configurations of a tuned ``kernel`` that fit this device, in tiers: its generation's
-    tiles that fit and compiled without a stack frame (no spills); else those that fit; else the
-    small fallback tiles likewise. Empty when nothing fits."""
+    tiles that fit and compiled without a stack frame (no spills) for the call's specialization
+    ``combo`` (``combination``); else the small fallback tiles likewise; else the generation's
+    tiles that fit, spilling; else the fallback ones. Empty when nothing fits."""
     listed, fallback = CONFIGS[kernel][arch, itemsize], FALLBACK_TILES[kernel]
-    for tier in ([b for b in listed if b not in fallback], [b for b in listed if b in fallback]):
-        fits = fitting_blocks(kernel, tier, arch, shared_limit, padded_head_dim, itemsize)
-        without_stack = [b for b in fits if resources(kernel, arch, itemsize, padded_head_dim, b)["stack"] == 0]
-        if fits:
-            return without_stack or fits
-    return []
+    tiers = [b for b in listed if b not in fallback], [b for b in listed if b in fallback]
+    fits = [fitting_blocks(kernel, tier, arch, shared_limit, padded_head_dim, itemsize) for tier in tiers]
+    clean = [[b for b in tier if stack_bytes(kernel, arch, itemsize, padded_head_dim, b, combo) == 0]
+             for tier in fits]
+    return next((tier for tier in (*clean, *fits) if tier), [])
 
 
-def select_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize, seq_q, seq_k, variants=frozenset()):
-    """The configurations of ``kernel`` the autotuner may try on this device: usable ones
-    (``usable_blocks``), without those that spill in a specialization for one of ``variants``
-    ("window", "softcap", "varlen"; VARIANT_SPILLING_TILES) unless nothing else is usable, and
-    without tiles far larger than the sequences. Empty when none fits, which
-    ``unsupported_reason`` reports before any launch."""
-    usable = usable_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize)
+def select_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize, seq_q, seq_k, combo=""):
+    """The configurations of ``kernel`` the autotuner may try on this device for a call of the
+    specialization ``combo`` (``combination``): usable ones (``usable_blocks``) without tiles far
+    larger than the sequences. Empty when none fits, which ``unsupported_reason`` reports before
+    any launch."""
+    usable = usable_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize, combo)
     if not usable:
         return []
-    usable = [b for b in usable if not VARIANT_SPILLING_TILES.get((kernel, arch, itemsize, padded_head_dim, b),
-                                                                  frozenset()) & variants] or usable
     bound_m = max(triton.next_power_of_2(seq_q), min(b[0] for b in usable))
     bound_n = max(triton.next_power_of_2(seq_k), min(b[1] for b in usable))
     return [b for b in usable if b[0] <= bound_m and b[1] <= bound_n] or usable
@@ -227,9 +233,9 @@ def _pruner(kernel):
     def prune(configs, named_args, **kwargs):
         q = named_args["q_ptr"]
         arch, limit = device_limits(q.device)
-        variants = frozenset(name for name in ("window", "softcap", "varlen") if kwargs[name.upper()])
+        combo = combination(kwargs["CAUSAL"], {name for name in VARIANT_NAMES if kwargs[name.upper()]})
         chosen = set(select_blocks(kernel, arch, limit, kwargs["HEAD_DIM_PADDED"], q.element_size(),
-                                   named_args["seq_q"], named_args["seq_k"], variants))
+                                   named_args["seq_q"], named_args["seq_k"], combo))
         return [c for c in configs if _blocks_of(c) in chosen]
 
     return prune
@@ -294,10 +300,11 @@ class Variant:
             return 0, 0
         return tuple(side if side >= 0 else seq_q + seq_k for side in self.window)
 
-    def names(self):
-        """The variants used, as VARIANT_SPILLING_TILES names them."""
-        return frozenset(name for name, used in (("window", self.window is not None), ("softcap", self.softcap > 0),
-                                                 ("varlen", self.varlen)) if used)
+    def combination(self):
+        """The specialization's name in the variant resource table (``combination``)."""
+        return combination(self.causal, {name for name, used in (("window", self.window is not None),
+                                                                   ("softcap", self.softcap > 0),
+                                                                   ("varlen", self.varlen)) if used})
 
     def constexprs(self):
         return dict(CAUSAL=bool(self.causal), WINDOW=self.window is not None, SOFTCAP=self.softcap > 0,

@@ -1,7 +1,9 @@
 """Shared test set-up: Triton's CPU interpreter when there is no GPU, a wrapper backend registered
-beside the built-in ones (so every shared suite runs on it too), devices, poisoned outputs."""
+beside the built-in ones (so every shared suite runs on it too), devices, poisoned outputs, and the
+same random draws in every run."""
 
 import os
+import random
 
 import torch
 
@@ -65,6 +67,14 @@ def skip_unless_supports(op, backend, *args):
     reason = dispatch.unsupported_reason(op, backend, args)
     if reason is not None:
         pytest.skip(f"{backend} backend does not run these inputs: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def same_random_draws():
+    """Each test draws the same inputs on every run: a tolerance miss reproduces, and a rare draw
+    (an fp32 gradient that is a difference of nearly equal terms) cannot fail one CI run in many."""
+    torch.manual_seed(0)
+    random.seed(0)
 
 
 @pytest.fixture(params=DEVICES)

@@ -11,6 +11,12 @@ sm_86/sm_89 against sm_80, fp32 at head dim 128) and compares them with the tabl
 that adds a stack frame (spills) or shared memory fails; with FASTGPT_AOT_FULL=1 the whole table is
 recompiled (280 compiles). On Hopper the large forward tiles must reach wgmma (HGMMA in the SASS);
 fp32 must multiply on the tensor cores in every kernel (HMMA/HGMMA, no unrolled FFMA products).
+
+The window, soft-cap and packed-sequence specializations have a table of their own
+(``fastgpt.kernels.attention_variant_resources``, ``benchmarks/aot_table.py --variants``): their
+stack bytes in every tile a variant call can be offered, 16-bit, head dims <= 128, from which the
+selection offers such a call only tiles that compile without spills for it: every tile offered
+must be listed and clean. fp32 variants are not in it (the plain kernels' stack stands for them).
 """
 
 import os
@@ -24,10 +30,11 @@ pytest.importorskip("triton")
 from fastgpt.kernels import attention as triton_attention  # noqa: E402
 from fastgpt.kernels import attention_configs  # noqa: E402
 from fastgpt.kernels.attention_configs import (  # noqa: E402
-    CONFIGS, DECODE_MAX_ROWS, SHARED_MEMORY_LIMITS, VARIANT_SPILLING_TILES, decode_blocks, decode_candidates,
-    decode_tile, resources, select_blocks, unsupported_reason,
+    CONFIGS, DECODE_MAX_ROWS, SHARED_MEMORY_LIMITS, decode_blocks, decode_candidates, decode_tile, resources,
+    select_blocks, unsupported_reason,
 )
 from fastgpt.kernels.attention_resources import RESOURCES  # noqa: E402
+from fastgpt.kernels.attention_variant_resources import VARIANT_STACK  # noqa: E402
 
 PADDED_HEAD_DIMS = (16, 32, 64, 128, 256)
 ITEMSIZES = (2, 4)
@@ -130,27 +137,70 @@ KNOWN_SPILLS = {
 }
 
 
-@pytest.mark.parametrize("flags", [{}, {"WINDOW": True}, {"SOFTCAP": True}, {"VARLEN": True}], ids=str)
-def test_variant_calls_are_not_offered_the_tiles_their_specialization_spills_in(monkeypatch, flags):
-    """The autotuner's pruner drops VARIANT_SPILLING_TILES for a call using one of their variants
-    (on an sm_90 at head dim 128, bf16) and offers a plain call exactly the plain selection."""
+@pytest.mark.parametrize("part", sorted(SHARED_MEMORY_LIMITS))
+def test_variant_calls_are_offered_only_tiles_that_compile_clean_for_them(part):
+    """For every variant combination at head dims <= 128 in 16-bit, each tile the selection offers
+    (any sequence lengths) and the decode tile are in the variant table, with no stack: a tile
+    list or kernel change that the sweep did not compile fails here rather than being offered."""
+    arch, limit = ARCH_OF_PART[part], SHARED_MEMORY_LIMITS[part]
+    missing, spilling = [], {}
+    for combo, variant in triton_attention.VARIANT_CALLS.items():
+        for padded in triton_attention.VARIANT_HEAD_DIMS:
+            offered = {(kernel, b) for kernel in CONFIGS for seq_q, seq_k in ((1, 1), (17, 300), (4096, 4096))
+                       for b in select_blocks(kernel, arch, limit, padded, 2, seq_q, seq_k, combo)}
+            if not variant.varlen:
+                offered.add(("decode", decode_blocks(*decode_tile(arch, limit, padded, 2))))
+            for kernel, blocks in offered:
+                stack = VARIANT_STACK.get((kernel, arch, 2, padded, blocks, combo))
+                if stack is None:
+                    missing.append((kernel, arch, padded, blocks, combo))
+                elif stack:
+                    spilling[kernel, padded, blocks, combo] = stack
+    assert not missing, f"not in attention_variant_resources (run benchmarks/aot_table.py --variants): {missing}"
+    assert spilling == KNOWN_VARIANT_SPILLS.get(arch, {})
+
+
+# generation -> {(kernel, padded head dim, blocks, combination): stack bytes} of the tiles offered
+# to a variant call that spill: where no tile of a kernel compiles clean for the combination.
+KNOWN_VARIANT_SPILLS = {}
+
+
+def test_variant_table_lists_only_configurations_of_the_tile_lists():
+    """No stale entries: each is a tile of its kernel's list (or a decode tile), 16-bit, <= 128."""
+    stale = [key for key in VARIANT_STACK
+             if key[2] != 2 or key[3] not in triton_attention.VARIANT_HEAD_DIMS
+             or key[5] not in triton_attention.VARIANT_CALLS or key[4] not in _candidates(key[0], key[1], 2)]
+    assert VARIANT_STACK and not stale, stale
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("flags", [{}, {"WINDOW": True}, {"SOFTCAP": True}, {"VARLEN": True},
+                                   {"WINDOW": True, "SOFTCAP": True, "VARLEN": True}], ids=str)
+def test_the_pruner_offers_a_call_the_tiles_clean_for_its_combination(monkeypatch, flags, causal):
+    """The autotuner's pruner (an sm_90 at head dim 128, bf16) offers a variant call exactly the
+    selection for its combination, all clean in the variant table, and a plain call the plain one;
+    the plain call's tiles a variant call is not offered are those that spill for it."""
     import torch
 
     monkeypatch.setattr(attention_configs, "device_limits", lambda device: ("hopper", SHARED_MEMORY_LIMITS["sm_90"]))
-    names = {name.lower() for name in flags}
+    combo = attention_configs.combination(causal, {name.lower() for name in flags})
     dropped = set()
     for kernel in CONFIGS:
         configs = [attention_configs._as_config(b) for b in attention_configs.all_blocks(CONFIGS[kernel])]
         named_args = {"q_ptr": torch.empty(0, dtype=torch.bfloat16), "seq_q": 4096, "seq_k": 4096}
-        pruned = attention_configs._pruner(kernel)(configs, named_args, HEAD_DIM_PADDED=128, CAUSAL=True,
+        pruned = attention_configs._pruner(kernel)(configs, named_args, HEAD_DIM_PADDED=128, CAUSAL=causal,
                                                    **{"WINDOW": False, "SOFTCAP": False, "VARLEN": False, **flags})
         offered = {attention_configs._blocks_of(c) for c in pruned}
-        plain = set(select_blocks(kernel, "hopper", SHARED_MEMORY_LIMITS["sm_90"], 128, 2, 4096, 4096))
-        kept = {(kernel, b) for b in plain if VARIANT_SPILLING_TILES.get((kernel, "hopper", 2, 128, b), set()) & names}
-        assert offered and offered == plain - {b for _, b in kept}, (kernel, offered, plain)
-        dropped |= kept
-    # the Hopper 128x128 forward spills with a window or packed sequences, its 64x64 dQ with packed sequences
-    assert bool(dropped) == bool(names & {"window", "varlen"}), dropped
+        assert offered and offered == set(select_blocks(kernel, "hopper", SHARED_MEMORY_LIMITS["sm_90"], 128, 2,
+                                                        4096, 4096, combo)), (kernel, offered)
+        if flags:
+            assert all(VARIANT_STACK[kernel, "hopper", 2, 128, b, combo] == 0 for b in offered), (kernel, offered)
+        plain = select_blocks(kernel, "hopper", SHARED_MEMORY_LIMITS["sm_90"], 128, 2, 4096, 4096)
+        dropped |= {(kernel, b) for b in plain if b not in offered}
+    assert all(VARIANT_STACK[kernel, "hopper", 2, 128, b, combo] for kernel, b in dropped), dropped
+    if combo == "causal+varlen":  # stack: 8 B in the 128x128 forward, 24 B in the 16x128 dK/dV, 56 B in the 64x64 dQ
+        assert dropped == {("forward", (128, 128, 8, 2)), ("backward_dkdv", (16, 128, 8, 2)),
+                           ("backward_dq", (64, 64, 4, 2))}
 
 
 # ----------------------------------------------------------------------------- ahead-of-time compiles
@@ -193,46 +243,6 @@ def test_forward_folds_the_scale_into_exp2(records):
     assert not over, f"(arch, tile): (FMULs, at most): {over}"
 
 
-# CI compiles two variant combinations (Gemma 2's causal window + soft cap; packed sequences with a
-# two-sided window + soft cap). Compiled by hand on 2026-12-02 in every tile selected for them, other
-# combinations at head dims <= 128 in bf16 still spill in a few tiles, outside this test: causal
-# packed sequences (dK/dV 16x128 sm_90 24 B, dQ 64x64 sm_80 8 B; at head dim 32 dK/dV 64x128 16 B
-# sm_80, 48 B sm_90), adding a window (forward 64x64 16 B sm_80, 8 B sm_90; dQ 64x64 sm_80 32 B) or
-# a soft cap (dQ 64x64 sm_80 32 B, dK/dV 16x128 sm_90 16 B), and a causal soft cap alone (dK/dV
-# 16x128 sm_90 8 B). Window-only, soft-cap-only forward and dQ, and head dim 64 compile clean.
-
-
-def _variant_names(record):
-    return {"window", "softcap", "varlen"} & set(record["name"].split())
-
-
-def test_variants_compile_in_every_selectable_configuration(records):
-    """The window, soft-cap and packed-sequence specializations (tanh from one exp2, per-tile mask
-    tests, sequence offsets read in the kernel) compile for sm_80 and sm_90 without a stack frame
-    (no spills) in every configuration the launchers pick for them at head dim 128 in bf16, the
-    decode kernel in its first tile, with the shared memory the table lists for the plain kernels
-    (test_compiled_resources_match_the_table). The tiles VARIANT_SPILLING_TILES keeps from such
-    calls are compiled too: each must still spill in some variant it names (else it can go)."""
-    variants = [r for r in records if _variant_names(r)]
-    assert {r["name"].split()[0] for r in variants} == {"forward", "backward_dkdv", "backward_dq", "decode"}
-    assert {r["arch"] for r in variants if "varlen" in r["name"]} == set(ARCHS)
-
-    def tile(r):
-        kernel, arch, itemsize, padded, blocks = r["key"]
-        return kernel, arch, itemsize, padded, tuple(blocks)
-
-    def kept_from(r):
-        return VARIANT_SPILLING_TILES.get(tile(r), set()) & _variant_names(r)
-
-    spilling = {(r["name"], r["arch"]): r["stack"] for r in variants if r["stack"] and not kept_from(r)}
-    assert not spilling, f"(spec, arch): stack bytes: {spilling}"
-    kept = {entry: 0 for entry in VARIANT_SPILLING_TILES}
-    for r in variants:
-        if kept_from(r):
-            kept[tile(r)] = max(kept[tile(r)], r["stack"])
-    assert all(kept.values()), f"VARIANT_SPILLING_TILES entries that no longer spill (stack bytes): {kept}"
-
-
 def _print_table(records):
     print()
     print(f"{'kernel':<52} {'arch':>5} {'regs':>5} {'local':>6} {'stack':>6} {'shared':>7}")
@@ -247,23 +257,13 @@ SMALL_DECODE_SPILLS = {("decode d=64 fp16 full M=16 N=64 s=2", 90): 16}
 
 def _differences(records, exact_registers):
     """Records whose compiled shared memory differs from the table, or whose stack does (exceeds
-    it, for a variant the table stands for: bf16, no mask), or registers when asked. The window,
-    soft-cap and packed-sequence specializations are held to the table's shared memory only (their
-    stack is checked by test_variants_compile_in_every_selectable_configuration)."""
+    it, for a variant the table stands for: bf16, no mask), or registers when asked."""
     wrong = []
     for r in records:
         if not r["key"]:
             continue
         kernel, arch, itemsize, padded, blocks = r["key"]
         got = {"registers": r["registers"], "stack": r["stack"], "shared": r["shared"]}
-        if {"window", "softcap", "varlen"} & set(r["name"].split()):
-            small_decode = kernel == "decode" and blocks[0] < DECODE_MAX_ROWS  # no more than the 64-row tile
-            table = resources(kernel, arch, itemsize, padded,
-                              decode_blocks(blocks[1], blocks[3]) if small_decode else blocks)
-            if (table is None or got["shared"] > table["shared"]
-                    or (not small_decode and got["shared"] != table["shared"])):
-                wrong.append(f"{r['name']} sm_{r['arch']}: compiled {got}, table {table}")
-            continue
         if kernel == "decode" and blocks[0] < DECODE_MAX_ROWS:
             # fewer rows than the table's decode tile: no more stack or shared memory than it
             table = resources(kernel, arch, itemsize, padded, decode_blocks(blocks[1], blocks[3]))
@@ -353,3 +353,4 @@ def test_whole_table_recompiles_exactly():
     assert {(tuple(r["key"][:4]) + (tuple(r["key"][4]),)) for r in records} == set(RESOURCES)
     wrong = _differences(records, exact_registers=True)
     assert not wrong, "rerun benchmarks/aot_table.py:\n" + "\n".join(wrong)
+

@@ -92,11 +92,35 @@ def _cuda_include_dir():
     return None
 
 
-def test_bindings_parse_against_torch_headers():
-    """bindings.cpp uses only c10 core headers for devices and streams, so it parses with CPU torch."""
+def _cxx_compiler():
+    """$CXX, g++ or c++; skips the test where there is none."""
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if compiler is None:
         pytest.skip("needs a C++ compiler (g++)")
+    return compiler
+
+
+def _run_cpu_check(tmp_path, name, program):
+    """Compiles ``program`` (a C++ main against csrc/cuda's plain-C++ headers) with g++ and runs it;
+    fails when it does not build or exits non-zero, else returns what it printed."""
+    source = tmp_path / f"{name}.cpp"
+    source.write_text(program)
+    binary = tmp_path / name
+    build = subprocess.run(
+        [_cxx_compiler(), "-std=c++17", "-O2", f"-I{CUDA_DIR}", str(source), "-o", str(binary)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return result.stdout
+
+
+def test_bindings_parse_against_torch_headers():
+    """bindings.cpp uses only c10 core headers for devices and streams, so it parses with CPU torch."""
+    compiler = _cxx_compiler()
     cuda_include = _cuda_include_dir()
     if cuda_include is None:
         pytest.skip("needs the CUDA toolkit headers (cuda_runtime_api.h)")
@@ -261,22 +285,7 @@ int main() {
 
 
 def test_add_layer_norm_backward_schedule_on_cpu(tmp_path):
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("needs a C++ compiler (g++)")
-    source = tmp_path / "schedule_check.cpp"
-    source.write_text(SCHEDULE_CHECK)
-    binary = tmp_path / "schedule_check"
-    build = subprocess.run(
-        [compiler, "-std=c++17", "-O2", f"-I{CUDA_DIR}", str(source), "-o", str(binary)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
-    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert result.stdout.strip().endswith("0 failures")
+    assert _run_cpu_check(tmp_path, "schedule_check", SCHEDULE_CHECK).strip().endswith("0 failures")
 
 
 def test_add_layer_norm_backward_uses_the_schedule():
@@ -333,21 +342,7 @@ int main() {
 
 
 def test_attention_decode_plan_on_cpu(tmp_path):
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("needs a C++ compiler (g++)")
-    source = tmp_path / "decode_plan_check.cpp"
-    source.write_text(DECODE_PLAN_CHECK)
-    binary = tmp_path / "decode_plan_check"
-    build = subprocess.run(
-        [compiler, "-std=c++17", "-O2", f"-I{CUDA_DIR}", str(source), "-o", str(binary)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
-    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:]
+    _run_cpu_check(tmp_path, "decode_plan_check", DECODE_PLAN_CHECK)
 
 
 def test_attention_decode_reads_kv_once_per_group():
@@ -367,9 +362,7 @@ EMULATED_SOURCES = ("add_layer_norm.cu", "attention_decode.cu")
 def test_kernels_run_on_cpu_emulation(tmp_path):
     """The add+LN backward and the decode, run by tests/cuda_on_cpu (fibers for CUDA threads, random
     order between barriers) through their launchers: float64 references and same bits across orders."""
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("needs a C++ compiler (g++)")
+    compiler = _cxx_compiler()
     cuda_include = _cuda_include_dir()
     if cuda_include is None:
         pytest.skip("needs the CUDA toolkit headers (cuda_fp16.h)")

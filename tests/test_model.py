@@ -42,6 +42,23 @@ def test_shapes_causality_and_cache(variant):
     torch.testing.assert_close(torch.cat(pieces, 1), logits, rtol=1e-4, atol=1e-5)
 
 
+def test_last_only_gives_the_last_positions_logits_and_generate_uses_it(monkeypatch):
+    model = tiny_model()
+    idx = torch.randint(0, 256, (3, 20))
+    full, _ = model(idx)
+    last, loss = model(idx, last_only=True)
+    assert last.shape == (3, 1, 256) and loss is None
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, idx, last_only=True)
+
+    widths = []
+    lm_head = model.lm_head.forward
+    monkeypatch.setattr(model.lm_head, "forward", lambda x: widths.append(x.shape[1]) or lm_head(x))
+    model.generate(idx, 3, temperature=0)
+    assert widths == [1, 1, 1]  # the prompt's pass too
+
+
 def test_backends_agree_with_plain_torch():
     reference = tiny_model(norm_position="pre", n_kv_heads=2)
     baseline = tiny_model(norm_position="pre", n_kv_heads=2, backend="torch")
