@@ -20,39 +20,49 @@ INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick, per (GPU generation, bytes per
 # element). BLOCK_M is the query tile and BLOCK_N the key tile in every kernel. On Hopper a 128-row
 # tile with 8 warps (two warpgroups of 64 rows) lets tl.dot lower to wgmma; K/V (or Q/dO) tiles are
-# software pipelined num_stages deep through shared memory. The small tiles at the end of each list
-# (FALLBACK_TILES) are tried only where none of the others fits (head dim 256, 99 KB parts) or
-# where none of the others compiles without spills for the call's specialization; fp32
-# ("ieee" products on the FMA units, twice the bytes per element) gets small tiles only: larger
-# ones spill heavily or exceed shared memory. Whether a tile fits a device is decided from its
-# compiled shared memory (``attention_resources``), never from an estimate.
+# software pipelined num_stages deep through shared memory. The small tiles at the end of each 16-bit
+# list (FALLBACK_TILES) are tried only where none of the others fits (head dim 256, 99 KB parts) or
+# where none of the others compiles without spills for the call's specialization. fp32 runs its
+# products on the tensor cores ("tf32x3", ``dot_precision``) but holds each operand twice (tf32
+# high and low parts) at twice the bytes per element, so its tiles are smaller: each fp32 list has
+# a tile that compiles without a stack frame (no spills) at every head dim <= 128 on sm_80 and
+# sm_90 (its last), and larger ones the selection keeps where they compile without one too
+# (spilling tiles are dropped while a clean one fits). Whether a tile fits a device is decided
+# from its compiled shared memory (``attention_resources``), never from an estimate.
 _SMALL_FORWARD = [(64, 32, 4, 2), (32, 32, 4, 2)]
 FORWARD_CONFIGS = {
     ("hopper", 2): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), *_SMALL_FORWARD],
     ("ampere", 2): [(128, 64, 8, 3), (64, 64, 4, 3), *_SMALL_FORWARD],
-    ("hopper", 4): _SMALL_FORWARD,
-    ("ampere", 4): _SMALL_FORWARD,
+    # fp32, without a stack frame: 128x64 (sm_90) and 64x64 (sm_80) up to head dim 32, the 64-row
+    # wgmma tile up to 64 (sm_90), 32x64 (sm_80) and 32x32 with 8 warps at every head dim <= 128
+    ("hopper", 4): [(128, 64, 8, 2), (64, 64, 4, 2), (32, 32, 8, 2)],
+    ("ampere", 4): [(64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2)],
 }
 # dK/dV: one key tile (BLOCK_N) stays in registers while query tiles (BLOCK_M) stream past it
 _SMALL_DKDV = [(16, 32, 4, 2)]
 DKDV_CONFIGS = {  # at head dim 128 every sm_90 tile spills (16..624 B of stack): the 16-row one least
     ("hopper", 2): [(64, 128, 8, 2), (32, 64, 8, 2), (16, 128, 8, 2), *_SMALL_DKDV],
     ("ampere", 2): [(64, 128, 8, 2), (32, 64, 8, 2), *_SMALL_DKDV],
-    ("hopper", 4): _SMALL_DKDV,
-    ("ampere", 4): _SMALL_DKDV,
+    # fp32, without a stack frame: 32x64 (wgmma on sm_90) up to head dim 32, 16 queries x 32 keys
+    # up to 64, 16 keys with 8 warps (16 or 32 queries on sm_90, 16 on sm_80) at every head dim <= 128
+    ("hopper", 4): [(32, 64, 4, 2), (16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)],
+    ("ampere", 4): [(16, 32, 8, 2), (16, 16, 8, 2)],
 }
 # dQ: one query tile stays in registers while key tiles stream past it
 _SMALL_DQ = [(32, 32, 4, 2)]
 DQ_CONFIGS = {
     ("hopper", 2): [(128, 64, 8, 2), (64, 64, 4, 2), *_SMALL_DQ],
     ("ampere", 2): [(128, 64, 8, 2), (64, 64, 4, 2), *_SMALL_DQ],
-    ("hopper", 4): _SMALL_DQ,
-    ("ampere", 4): _SMALL_DQ,
+    # fp32, without a stack frame: 128x64 and 64x32 (wgmma) up to head dim 64 on sm_90, 64x32 up
+    # to 32 and 32x64 at 16 and 64 on sm_80, 16 queries with 4 warps at every head dim <= 128
+    ("hopper", 4): [(128, 64, 8, 2), (64, 32, 4, 2), (16, 32, 4, 2)],
+    ("ampere", 4): [(64, 32, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2)],
 }
 # decode: (BLOCK_N, num_stages) of the key tile per bytes per element, in order of preference;
-# BLOCK_M is the GQA group's rows (16..64), 4 warps. fp32 tiles of 64 keys never fit at head dim 256
-# and take minutes to compile at any.
-DECODE_TILES = {2: [(64, 3), (64, 2), (32, 2), (16, 2)], 4: [(32, 2), (16, 2)]}
+# BLOCK_M is the GQA group's rows (16..64), 4 warps. In fp32 the 64-row tile spills at head dim
+# 128 in every key tile (sm_80 616-13,560 B of stack, sm_90 104-552 B): 16 keys spill least,
+# unpipelined on sm_90; tiles of 16 rows do not spill there.
+DECODE_TILES = {2: [(64, 3), (64, 2), (32, 2), (16, 2)], 4: [(64, 2), (32, 2), (16, 2), (16, 1)]}
 DECODE_MAX_ROWS = 64  # at most this many rows (queries × GQA group size) in one decode tile
 DECODE_WARPS = 4
 FALLBACK_TILES = {"forward": _SMALL_FORWARD, "backward_dkdv": _SMALL_DKDV, "backward_dq": _SMALL_DQ}
@@ -70,9 +80,12 @@ def head_dim_padded(head_dim):
 
 
 def dot_precision(dtype):
-    # fp32 inputs get true fp32 products ("ieee": several times slower than tf32 tensor cores, but
-    # float32 users asked for float32 accuracy); the setting does not affect fp16/bf16 operands
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs get "tf32x3": each operand split into a tf32 high part (rounded to nearest) and
+    # the rest (read as tf32 by the tensor core), three tensor-core products lo*hi + hi*lo + hi*hi
+    # summed in fp32: about fp32 products' accuracy (tests/test_attention_tf32x3.py) at tensor-core
+    # speed, where "ieee" runs on the FMA units. Triton's interpreter ignores the setting (its dot is
+    # np.matmul in fp32), so the CPU tests cannot see the rounding. fp16/bf16 operands ignore it too.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def seq_bucket(n):

@@ -7,9 +7,10 @@ and shared memory per (kernel, generation, bytes per element, padded head dim, t
 check the table three ways: the selection (pure Python) only ever returns configurations whose
 compiled shared memory fits sm_80 (164 KB), sm_86/sm_89 (99 KB) and sm_90 (227 KB); CI recompiles
 the configurations that matter most (head dims 64 and 128 in 16-bit, the head-dim-256 fit edge,
-sm_86/sm_89 against sm_80) and compares them with the table, so a change that adds a stack frame
-(spills) or shared memory fails; with FASTGPT_AOT_FULL=1 the whole table is recompiled (210
-compiles, fp32 ones slow). On Hopper the large forward tiles must reach wgmma (HGMMA in the SASS).
+sm_86/sm_89 against sm_80, fp32 at head dim 128) and compares them with the table, so a change
+that adds a stack frame (spills) or shared memory fails; with FASTGPT_AOT_FULL=1 the whole table is
+recompiled (280 compiles). On Hopper the large forward tiles must reach wgmma (HGMMA in the SASS);
+fp32 must multiply on the tensor cores in every kernel (HMMA/HGMMA, no unrolled FFMA products).
 
 The window, soft-cap and packed-sequence specializations have a table of their own
 (``fastgpt.kernels.attention_variant_resources``, ``benchmarks/aot_table.py --variants``): their
@@ -126,28 +127,14 @@ def test_selected_configurations_do_not_spill_up_to_head_dim_128(part, itemsize)
 # (part, bytes per element) -> {(kernel, padded head dim, blocks): stack bytes} of the selectable
 # configurations that still spill at head dims <= 128 (none in 16-bit: on sm_90 the 16x128 dK/dV tile
 # at head dim 128 compiles without a stack frame since the variants' rewrite, 16 B before, so the
-# spilling larger ones are no longer picked). fp32 ("ieee" products unrolled on the FMA units) sits
-# at the register limit: the rewrite moved ptxas's allocation there, e.g. the sm_80 32x32 forward
-# at head dim 128 went from 146 registers and no stack to 255 and 32 B (7 spill stores), which also
-# brings its 64x32 sibling (1200 B) back into the selection; dK/dV at head dims 16-64 now spills one
-# to three values (8-24 B; the sm_80 head-dim-16 one: 1 spill store, 1 load).
+# spilling larger ones are no longer picked). fp32 ("tf32x3" tensor-core products, its tiles chosen
+# for no stack frame) spills only in the decode at head dim 128, whose table tile of 64 rows in 4
+# warps spills in every key tile (16 keys least; "ieee" spilled 48 B on sm_80, 1,056 B on sm_90);
+# decode tiles of 16 rows (one token of a GQA group of up to 16 query heads) compile clean there
+# (16 keys, 1 or 2 stages), 32 rows spill 0-56 B.
 KNOWN_SPILLS = {
-    ("sm_80", 4): {
-        ("backward_dkdv", 16, (16, 32, 4, 2)): 8,
-        ("backward_dkdv", 32, (16, 32, 4, 2)): 16,
-        ("forward", 128, (64, 32, 4, 2)): 1200,
-        ("forward", 128, (32, 32, 4, 2)): 32,
-        ("backward_dq", 128, (32, 32, 4, 2)): 32,
-        ("decode", 128, (64, 16, 4, 2)): 48,
-    },
-    ("sm_90", 4): {
-        ("backward_dkdv", 16, (16, 32, 4, 2)): 16,
-        ("backward_dkdv", 64, (16, 32, 4, 2)): 24,
-        ("forward", 128, (64, 32, 4, 2)): 7200,
-        ("forward", 128, (32, 32, 4, 2)): 656,
-        ("backward_dq", 128, (32, 32, 4, 2)): 496,
-        ("decode", 128, (64, 16, 4, 2)): 1056,
-    },
+    ("sm_80", 4): {("decode", 128, (64, 16, 4, 2)): 616},
+    ("sm_90", 4): {("decode", 128, (64, 16, 4, 1)): 104},
 }
 
 
@@ -366,8 +353,35 @@ def test_sm86_and_sm89_need_what_sm80_needs():
     assert not wrong, "\n".join(wrong)
 
 
-@pytest.mark.skipif(not os.environ.get("FASTGPT_AOT_FULL"), reason="the whole table: 210 compiles, "
-                    "fp32 ones take minutes; set FASTGPT_AOT_FULL=1 (after changing a kernel or a tile list)")
+@pytest.fixture(scope="module")
+def fp32_records():
+    """Every fp32 configuration of every kernel at head dim 128, for sm_80 and sm_90."""
+    return _table_sample((128,), (4,))
+
+
+def test_fp32_attention_multiplies_on_tensor_cores(fp32_records):
+    """fp32 products run as "tf32x3" on the tensor cores in the forward, both backward kernels and
+    the decode: each configuration at head dim 128 has HMMA (mma.sync) or HGMMA (wgmma) and
+    fewer FFMAs than one of its dots has products per thread, which "ieee" products would unroll
+    into FFMAs (the sm_80 32x32 forward at head dim 64 in "ieee": 2,120 FFMAs against 512)."""
+    assert {r["key"][0] for r in fp32_records} == set(KERNELS) and {r["arch"] for r in fp32_records} == set(ARCHS)
+    on_fma_units = []
+    for r in fp32_records:
+        _, _, _, padded, (block_m, block_n, num_warps, _) = r["key"]
+        counts, products_per_thread = r["sass_counts"], block_m * block_n * padded // (32 * num_warps)
+        if counts["HMMA"] + counts["HGMMA"] == 0 or counts["FFMA"] >= products_per_thread:
+            on_fma_units.append(f"{r['name']} sm_{r['arch']}: {counts}, {products_per_thread} products per thread")
+    assert not on_fma_units, "\n".join(on_fma_units)
+
+
+def test_fp32_table_entries_recompile_exactly(fp32_records):
+    """The fp32 entries at head dim 128 (the no-spill edge: KNOWN_SPILLS) compile as the table says."""
+    wrong = _differences(fp32_records, exact_registers=True)
+    assert not wrong, "rerun benchmarks/aot_table.py, or fix the kernel:\n" + "\n".join(wrong)
+
+
+@pytest.mark.skipif(not os.environ.get("FASTGPT_AOT_FULL"), reason="the whole table: 280 compiles, "
+                    "the fp32 head-dim-256 ones slow; set FASTGPT_AOT_FULL=1 (after changing a kernel or a tile list)")
 def test_whole_table_recompiles_exactly():
     records = _table_sample(PADDED_HEAD_DIMS, ITEMSIZES)
     assert {(tuple(r["key"][:4]) + (tuple(r["key"][4]),)) for r in records} == set(RESOURCES)

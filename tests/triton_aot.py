@@ -25,7 +25,9 @@ import sys
 import tempfile
 
 ARCHS = (80, 90)  # Ampere (A100) and Hopper (H100/H200)
-SASS_COUNTED = ("FMUL", "FFMA", "FADD", "MUFU.EX2")  # instructions each record counts in its SASS
+# instructions each record counts in its SASS; tensor-core products are HMMA (mma.sync: sm_80, and
+# sm_90 tiles that do not lower to wgmma) or HGMMA (wgmma, sm_90): e.g. HMMA.1688.F32.TF32
+SASS_COUNTED = ("FMUL", "FFMA", "FADD", "MUFU.EX2", "HMMA", "HGMMA")
 
 
 def compile_kernel(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, attrs=None):
