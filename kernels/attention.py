@@ -23,8 +23,8 @@ from .attention_backward import (
     launch_backward, preprocess_launch,
 )
 from .attention_configs import (
-    ARCH_OF_TARGET, CONFIGS, DECODE_MAX_ROWS, DECODE_TILES, DECODE_WARPS, SHARED_MEMORY_LIMITS, VARIANT_NAMES,
-    Variant, decode_blocks, decode_tile, device_limits, head_dim_padded, select_blocks, shape_constexprs,
+    ARCH_OF_TARGET, CONFIGS, DECODE_MAX_ROWS, DECODE_TILES, DECODE_WARPS, SHARED_MEMORY_LIMITS, VARIANT_HEAD_DIMS,
+    VARIANT_NAMES, Variant, decode_blocks, decode_tile, device_limits, head_dim_padded, select_blocks, shape_constexprs,
     unsupported_reason,
 )
 from .attention_variant_resources import VARIANT_STACK
@@ -262,67 +262,84 @@ def _variant(causal, names):
 _OPTION_SETS = [[n for i, n in enumerate(VARIANT_NAMES) if mask >> i & 1] for mask in range(1, 2 ** len(VARIANT_NAMES))]
 VARIANT_CALLS = {variant.combination(): variant
                  for causal in (True, False) for variant in (_variant(causal, names) for names in _OPTION_SETS)}
-VARIANT_HEAD_DIMS = (16, 32, 64, 128)  # padded head dims of the variant table (16-bit only: fp32 is out of its scope)
-VARIANT_DTYPE = torch.bfloat16  # the table's 16-bit dtype (fp16 compiles alike)
+VARIANT_DTYPES = {2: torch.bfloat16, 4: torch.float32}  # the table's dtype per element size (fp16 compiles as bf16)
 
 
 def _parts_of(arch):
     return [part for part in SHARED_MEMORY_LIMITS if _arch_of_target(int(part.removeprefix("sm_"))) == arch]
 
 
-def variant_offered(kernel, arch, padded_head_dim, combo):
+def variant_offered(kernel, arch, itemsize, padded_head_dim, combo):
     """The configurations of ``kernel`` a call of the specialization ``combo`` can be offered (the
-    autotuned kernels at long sequences, the decode tile) on any part of generation ``arch``, 16-bit."""
+    autotuned kernels at long sequences, the decode tile) on any part of generation ``arch``."""
     offered = []
     for part in _parts_of(arch):
         limit = SHARED_MEMORY_LIMITS[part]
         if kernel == "decode":
-            tile = decode_tile(arch, limit, padded_head_dim, 2)
+            tile = decode_tile(arch, limit, padded_head_dim, itemsize)
             offered += [decode_blocks(*tile)] if tile else []
         else:
-            offered += select_blocks(kernel, arch, limit, padded_head_dim, 2, _AOT_SEQ, _AOT_SEQ, combo)
+            offered += select_blocks(kernel, arch, limit, padded_head_dim, itemsize, _AOT_SEQ, _AOT_SEQ, combo)
     return list(dict.fromkeys(offered))
 
 
 def _variant_specs(wanted, head_dims=VARIANT_HEAD_DIMS):
-    """Specs of the variant-table configurations ``wanted(kernel, arch, padded head dim, combo)``
-    lists, for every combination at ``head_dims``; each key is the table's key."""
+    """Specs of the variant-table configurations ``wanted(kernel, arch, itemsize, padded head dim,
+    combo)`` lists, for every combination at ``head_dims`` ({bytes per element: padded head dims});
+    each key is the table's key."""
     specs = []
-    for head_dim in head_dims:
-        for combo, variant in VARIANT_CALLS.items():
-            kernel_specs = _training_specs(head_dim, VARIANT_DTYPE, variant, list(ARCH_OF_TARGET),
-                                           only=lambda kernel, arch: wanted(kernel, arch, head_dim, combo))
-            for target, arch in ([] if variant.varlen else ARCH_OF_TARGET.items()):  # decode takes no packed inputs
-                tiles = [(b[1], b[3]) for b in wanted("decode", arch, head_dim, combo)]
-                kernel_specs += _decode_specs(head_dim, VARIANT_DTYPE, variant, [target], tiles=tiles) if tiles else []
-            for spec in kernel_specs:
-                spec["key"] = [*spec["key"], combo]
-            specs += kernel_specs
+    for itemsize, dims in head_dims.items():
+        dtype = VARIANT_DTYPES[itemsize]
+        for head_dim in dims:
+            for combo, variant in VARIANT_CALLS.items():
+                kernel_specs = _training_specs(
+                    head_dim, dtype, variant, list(ARCH_OF_TARGET),
+                    only=lambda kernel, arch: wanted(kernel, arch, itemsize, head_dim, combo))
+                for target, arch in ([] if variant.varlen else ARCH_OF_TARGET.items()):  # decode takes no packed inputs
+                    tiles = [(b[1], b[3]) for b in wanted("decode", arch, itemsize, head_dim, combo)]
+                    kernel_specs += _decode_specs(head_dim, dtype, variant, [target], tiles=tiles) if tiles else []
+                for spec in kernel_specs:
+                    spec["key"] = [*spec["key"], combo]
+                specs += kernel_specs
     return specs
 
 
-def variant_sweep_specs():
+def _head_dims(itemsizes, padded_head_dims):
+    """{bytes per element: padded head dims} of the table's coverage, restricted to these."""
+    return {itemsize: [d for d in VARIANT_HEAD_DIMS[itemsize] if d in padded_head_dims] for itemsize in itemsizes}
+
+
+def variant_sweep_specs(itemsizes=tuple(VARIANT_HEAD_DIMS), padded_head_dims=(16, 32, 64, 128)):
     """What ``benchmarks/aot_table.py --variants`` compiles next: the configurations a variant call
     can be offered that attention_variant_resources does not list yet (the script repeats until
     none is left, since a spilling tile makes the selection offer others)."""
-    return _variant_specs(lambda kernel, arch, padded, combo: [
-        b for b in variant_offered(kernel, arch, padded, combo)
-        if (kernel, arch, VARIANT_DTYPE.itemsize, padded, b, combo) not in VARIANT_STACK])
+    return _variant_specs(lambda kernel, arch, itemsize, padded, combo: [
+        b for b in variant_offered(kernel, arch, itemsize, padded, combo)
+        if (kernel, arch, itemsize, padded, b, combo) not in VARIANT_STACK], _head_dims(itemsizes, padded_head_dims))
 
 
 def variant_table_specs():
     """Every configuration attention_variant_resources lists, to recompile the whole table."""
-    return _variant_specs(lambda kernel, arch, padded, combo: [
+    return _variant_specs(lambda kernel, arch, itemsize, padded, combo: [
         blocks for (*table_call, blocks, table_combo) in VARIANT_STACK
-        if table_call == [kernel, arch, VARIANT_DTYPE.itemsize, padded] and table_combo == combo])
+        if table_call == [kernel, arch, itemsize, padded] and table_combo == combo])
+
+
+# The fp32 combinations CI's sample compiles (all 14: 82 compiles more, over a minute): every option
+# on, with and without the mask, which between them take every kernel, the decode included.
+FP32_SAMPLE_COMBINATIONS = ("causal+window+softcap+varlen", "window+softcap")
 
 
 def variant_sample_specs():
-    """What CI compiles of the variant table: every combination at head dim 128, for sm_80 and
-    sm_90, in the first configuration of each kernel it can be offered (the largest tile: the
-    most registers)."""
-    return _variant_specs(lambda kernel, arch, padded, combo: variant_offered(kernel, arch, padded, combo)[:1],
-                          head_dims=(128,))
+    """What CI compiles of the variant table: at head dim 128, for sm_80 and sm_90, every
+    combination in bf16 and FP32_SAMPLE_COMBINATIONS in fp32, in the first configuration of each
+    kernel it can be offered (the largest tile: the most registers)."""
+    def first_offered(kernel, arch, itemsize, padded, combo):
+        if itemsize == 4 and combo not in FP32_SAMPLE_COMBINATIONS:
+            return []
+        return variant_offered(kernel, arch, itemsize, padded, combo)[:1]
+
+    return _variant_specs(first_offered, head_dims={itemsize: (128,) for itemsize in VARIANT_HEAD_DIMS})
 
 
 def aot_compile_specs():

@@ -27,8 +27,10 @@ INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 # high and low parts) at twice the bytes per element, so its tiles are smaller: each fp32 list has
 # a tile that compiles without a stack frame (no spills) at every head dim <= 128 on sm_80 and
 # sm_90 (its last), and larger ones the selection keeps where they compile without one too
-# (spilling tiles are dropped while a clean one fits). Whether a tile fits a device is decided
-# from its compiled shared memory (``attention_resources``), never from an estimate.
+# (spilling tiles are dropped while a clean one fits); each window/soft-cap/varlen specialization
+# has a clean fp32 tile of each kernel there too (not always the last one: the variant table).
+# Whether a tile fits a device is decided from its compiled shared memory (``attention_resources``),
+# never from an estimate.
 _SMALL_FORWARD = [(64, 32, 4, 2), (32, 32, 4, 2)]
 FORWARD_CONFIGS = {
     ("hopper", 2): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), *_SMALL_FORWARD],
@@ -69,6 +71,10 @@ FALLBACK_TILES = {"forward": _SMALL_FORWARD, "backward_dkdv": _SMALL_DKDV, "back
 CONFIGS = {"forward": FORWARD_CONFIGS, "backward_dkdv": DKDV_CONFIGS, "backward_dq": DQ_CONFIGS}
 # The variant specializations a call can combine, in the order combination names list them
 VARIANT_NAMES = ("window", "softcap", "varlen")
+# {bytes per element: padded head dims} at which attention_variant_resources lists every tile a
+# variant call can be offered (benchmarks/aot_table.py --variants); beyond them (head dim 256) the
+# plain kernel's stack stands for the variants'
+VARIANT_HEAD_DIMS = {2: (16, 32, 64, 128), 4: (16, 32, 64, 128)}
 ARCH_OF_TARGET = {80: "ampere", 90: "hopper"}  # the compile target each generation's table comes from
 # opt-in shared memory per block: the limits of the parts the tables are checked against
 SHARED_MEMORY_LIMITS = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
@@ -136,9 +142,9 @@ def combination(causal, variants=frozenset()):
 
 def stack_bytes(kernel, arch, itemsize, padded_head_dim, blocks, combo=""):
     """Stack bytes (spills) of one configuration compiled for the specialization ``combo``: from
-    the variant table where it lists it (16-bit, head dims <= 128, the tiles a variant call can be
-    offered), else the plain kernel's (fp32 and head dim 256 variants were not compiled, fp32 being
-    about to move to a tensor-core path: the plain kernel's stack stands for them)."""
+    the variant table where it lists it (the tiles a variant call can be offered at
+    VARIANT_HEAD_DIMS, bf16 standing for both 16-bit dtypes, and fp32), else the plain kernel's
+    (a plain call; a variant call at head dim 256, which was not compiled)."""
     stack = VARIANT_STACK.get((kernel, arch, itemsize, padded_head_dim, tuple(blocks), combo))
     return resources(kernel, arch, itemsize, padded_head_dim, blocks)["stack"] if stack is None else stack
 

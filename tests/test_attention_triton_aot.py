@@ -14,10 +14,11 @@ fp32 must multiply on the tensor cores in every kernel (HMMA/HGMMA, no unrolled 
 
 The window, soft-cap and packed-sequence specializations have a table of their own
 (``fastgpt.kernels.attention_variant_resources``, ``benchmarks/aot_table.py --variants``): their
-stack bytes in every tile a variant call can be offered, 16-bit, head dims <= 128, from which the
-selection offers such a call only tiles that compile without spills for it. It is checked the same
-three ways: offline (every tile offered is listed and clean), a CI sample, and the whole table
-under FASTGPT_AOT_FULL=1. fp32 variants are not in it (the plain kernels' stack stands for them).
+stack bytes in every tile a variant call can be offered, bf16 (standing for fp16) and fp32, head
+dims <= 128 (``attention_configs.VARIANT_HEAD_DIMS``; at head dim 256 the plain kernels' stack
+stands for the variants'), from which the selection offers such a call only tiles that compile
+without spills for it. It is checked the same three ways: offline (every tile offered is listed
+and clean), a CI sample, and the whole table under FASTGPT_AOT_FULL=1.
 """
 
 import os
@@ -31,8 +32,8 @@ pytest.importorskip("triton")
 from fastgpt.kernels import attention as triton_attention  # noqa: E402
 from fastgpt.kernels import attention_configs  # noqa: E402
 from fastgpt.kernels.attention_configs import (  # noqa: E402
-    CONFIGS, DECODE_MAX_ROWS, SHARED_MEMORY_LIMITS, decode_blocks, decode_candidates, decode_tile, resources,
-    select_blocks, unsupported_reason,
+    CONFIGS, DECODE_MAX_ROWS, SHARED_MEMORY_LIMITS, VARIANT_HEAD_DIMS, decode_blocks, decode_candidates, decode_tile,
+    resources, select_blocks, unsupported_reason,
 )
 from fastgpt.kernels.attention_resources import RESOURCES  # noqa: E402
 from fastgpt.kernels.attention_variant_resources import VARIANT_STACK  # noqa: E402
@@ -138,68 +139,90 @@ KNOWN_SPILLS = {
 }
 
 
+@pytest.mark.parametrize("itemsize", sorted(VARIANT_HEAD_DIMS))
 @pytest.mark.parametrize("part", sorted(SHARED_MEMORY_LIMITS))
-def test_variant_calls_are_offered_only_tiles_that_compile_clean_for_them(part):
-    """For every variant combination at head dims <= 128 in 16-bit, each tile the selection offers
-    (any sequence lengths) and the decode tile are in the variant table, with no stack: a tile
-    list or kernel change that the sweep did not compile fails here rather than being offered."""
+def test_variant_calls_are_offered_only_tiles_that_compile_clean_for_them(part, itemsize):
+    """For every variant combination at the head dims the variant table covers (all padded ones
+    <= 128, bf16 and fp32), each tile the selection offers (any sequence lengths) and the decode
+    tile are in the variant table, with no stack: a tile list or kernel change that the sweep did
+    not compile fails here rather than being offered."""
     arch, limit = ARCH_OF_PART[part], SHARED_MEMORY_LIMITS[part]
     missing, spilling = [], {}
     for combo, variant in triton_attention.VARIANT_CALLS.items():
-        for padded in triton_attention.VARIANT_HEAD_DIMS:
+        for padded in VARIANT_HEAD_DIMS[itemsize]:
             offered = {(kernel, b) for kernel in CONFIGS for seq_q, seq_k in ((1, 1), (17, 300), (4096, 4096))
-                       for b in select_blocks(kernel, arch, limit, padded, 2, seq_q, seq_k, combo)}
+                       for b in select_blocks(kernel, arch, limit, padded, itemsize, seq_q, seq_k, combo)}
             if not variant.varlen:
-                offered.add(("decode", decode_blocks(*decode_tile(arch, limit, padded, 2))))
+                offered.add(("decode", decode_blocks(*decode_tile(arch, limit, padded, itemsize))))
             for kernel, blocks in offered:
-                stack = VARIANT_STACK.get((kernel, arch, 2, padded, blocks, combo))
+                stack = VARIANT_STACK.get((kernel, arch, itemsize, padded, blocks, combo))
                 if stack is None:
                     missing.append((kernel, arch, padded, blocks, combo))
                 elif stack:
                     spilling[kernel, padded, blocks, combo] = stack
     assert not missing, f"not in attention_variant_resources (run benchmarks/aot_table.py --variants): {missing}"
-    assert spilling == KNOWN_VARIANT_SPILLS.get(arch, {})
+    assert spilling == KNOWN_VARIANT_SPILLS.get((arch, itemsize), {})
 
 
-# generation -> {(kernel, padded head dim, blocks, combination): stack bytes} of the tiles offered
-# to a variant call that spill: where no tile of a kernel compiles clean for the combination.
-KNOWN_VARIANT_SPILLS = {}
+def test_variant_table_covers_head_dims_up_to_128_in_both_element_sizes():
+    """The coverage the selection and the docs state: every padded head dim <= 128, 2- and 4-byte."""
+    assert VARIANT_HEAD_DIMS == {2: (16, 32, 64, 128), 4: (16, 32, 64, 128)}
+    listed = {(key[2], key[3]) for key in VARIANT_STACK}
+    assert listed == {(itemsize, padded) for itemsize, dims in VARIANT_HEAD_DIMS.items() for padded in dims}
+
+
+# (generation, bytes per element) -> {(kernel, padded head dim, blocks, combination): stack bytes} of
+# the tiles offered to a variant call that spill: where no tile of a kernel compiles clean for the
+# combination (none: every forward, dK/dV and dQ has a clean tile for every combination, bf16 and
+# fp32, head dims <= 128), and the decode tile, chosen by the plain kernel's stack whatever the
+# combination: fp32 at head dim 128, whose 64-row tile spills in every key tile (KNOWN_SPILLS).
+_FP32_DECODE_128 = ("causal+softcap", "causal+window", "causal+window+softcap", "softcap", "window", "window+softcap")
+KNOWN_VARIANT_SPILLS = {
+    ("ampere", 4): {("decode", 128, (64, 16, 4, 2), combo): stack
+                    for combo, stack in zip(_FP32_DECODE_128, (616, 600, 600, 576, 624, 624))},
+    ("hopper", 4): {("decode", 128, (64, 16, 4, 1), combo): stack
+                    for combo, stack in zip(_FP32_DECODE_128, (112, 96, 96, 96, 120, 120))},
+}
 
 
 def test_variant_table_lists_only_configurations_of_the_tile_lists():
-    """No stale entries: each is a tile of its kernel's list (or a decode tile), 16-bit, <= 128."""
+    """No stale entries: each is a tile of its kernel's list (or a decode tile) at a covered head dim."""
     stale = [key for key in VARIANT_STACK
-             if key[2] != 2 or key[3] not in triton_attention.VARIANT_HEAD_DIMS
-             or key[5] not in triton_attention.VARIANT_CALLS or key[4] not in _candidates(key[0], key[1], 2)]
+             if key[2] not in VARIANT_HEAD_DIMS or key[3] not in VARIANT_HEAD_DIMS[key[2]]
+             or key[5] not in triton_attention.VARIANT_CALLS or key[4] not in _candidates(key[0], key[1], key[2])]
     assert VARIANT_STACK and not stale, stale
 
 
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("flags", [{}, {"WINDOW": True}, {"SOFTCAP": True}, {"VARLEN": True},
                                    {"WINDOW": True, "SOFTCAP": True, "VARLEN": True}], ids=str)
-def test_the_pruner_offers_a_call_the_tiles_clean_for_its_combination(monkeypatch, flags, causal):
-    """The autotuner's pruner (an sm_90 at head dim 128, bf16) offers a variant call exactly the
+def test_the_pruner_offers_a_call_the_tiles_clean_for_its_combination(monkeypatch, flags, causal, dtype_name):
+    """The autotuner's pruner (an sm_90 at head dim 128) offers a variant call exactly the
     selection for its combination, all clean in the variant table, and a plain call the plain one;
     the plain call's tiles a variant call is not offered are those that spill for it."""
     import torch
 
     monkeypatch.setattr(attention_configs, "device_limits", lambda device: ("hopper", SHARED_MEMORY_LIMITS["sm_90"]))
     combo = attention_configs.combination(causal, {name.lower() for name in flags})
+    q = torch.empty(0, dtype=getattr(torch, dtype_name))
+    itemsize = q.element_size()
     dropped = set()
     for kernel in CONFIGS:
         configs = [attention_configs._as_config(b) for b in attention_configs.all_blocks(CONFIGS[kernel])]
-        named_args = {"q_ptr": torch.empty(0, dtype=torch.bfloat16), "seq_q": 4096, "seq_k": 4096}
+        named_args = {"q_ptr": q, "seq_q": 4096, "seq_k": 4096}
         pruned = attention_configs._pruner(kernel)(configs, named_args, HEAD_DIM_PADDED=128, CAUSAL=causal,
                                                    **{"WINDOW": False, "SOFTCAP": False, "VARLEN": False, **flags})
         offered = {attention_configs._blocks_of(c) for c in pruned}
-        assert offered and offered == set(select_blocks(kernel, "hopper", SHARED_MEMORY_LIMITS["sm_90"], 128, 2,
-                                                        4096, 4096, combo)), (kernel, offered)
+        assert offered and offered == set(select_blocks(kernel, "hopper", SHARED_MEMORY_LIMITS["sm_90"], 128,
+                                                        itemsize, 4096, 4096, combo)), (kernel, offered)
         if flags:
-            assert all(VARIANT_STACK[kernel, "hopper", 2, 128, b, combo] == 0 for b in offered), (kernel, offered)
-        plain = select_blocks(kernel, "hopper", SHARED_MEMORY_LIMITS["sm_90"], 128, 2, 4096, 4096)
+            assert all(VARIANT_STACK[kernel, "hopper", itemsize, 128, b, combo] == 0 for b in offered), offered
+        plain = select_blocks(kernel, "hopper", SHARED_MEMORY_LIMITS["sm_90"], 128, itemsize, 4096, 4096)
         dropped |= {(kernel, b) for b in plain if b not in offered}
-    assert all(VARIANT_STACK[kernel, "hopper", 2, 128, b, combo] for kernel, b in dropped), dropped
-    if combo == "causal+varlen":  # stack: 8 B in the 128x128 forward, 24 B in the 16x128 dK/dV, 56 B in the 64x64 dQ
+    assert all(VARIANT_STACK[kernel, "hopper", itemsize, 128, b, combo] for kernel, b in dropped), dropped
+    if combo == "causal+varlen" and itemsize == 2:
+        # stack: 8 B in the 128x128 forward, 24 B in the 16x128 dK/dV, 56 B in the 64x64 dQ
         assert dropped == {("forward", (128, 128, 8, 2)), ("backward_dkdv", (16, 128, 8, 2)),
                            ("backward_dq", (64, 64, 4, 2))}
 
@@ -264,15 +287,19 @@ def _variant_differences(records):
 
 
 def test_variant_sample_recompiles_exactly(variant_records):
-    """CI's sample of the variant table (``variant_sample_specs``: each of the 14 combinations at
-    head dim 128, bf16, for sm_80 and sm_90, in the first tile the selection offers each kernel:
-    96 compiles, 84 s on 2 jobs) compiles to the stack the table lists, which is 0 since
-    the tile is offered, and to the plain table's shared memory. The other head dims, tiles and
-    the spilling entries are recompiled with FASTGPT_AOT_FULL=1."""
-    compiled = {(r["key"][0], r["arch"], r["key"][5]) for r in variant_records}
-    combos = triton_attention.VARIANT_CALLS
-    assert compiled == {(kernel, arch, combo) for kernel in (*CONFIGS, "decode") for arch in ARCHS for combo in combos
+    """CI's sample of the variant table (``variant_sample_specs``: at head dim 128, for sm_80 and
+    sm_90, each of the 14 combinations in bf16 and two of them in fp32 (every option on, with and
+    without the mask: every kernel), in the first tile the selection offers each kernel: 96 + 14
+    compiles, 91 s on 2 jobs from a cold Triton cache) compiles to the stack the table lists (0
+    since the tile is offered, but the fp32 decode's: KNOWN_VARIANT_SPILLS) and to the plain
+    table's shared memory. The other head dims, combinations, tiles and spilling entries are
+    recompiled with FASTGPT_AOT_FULL=1."""
+    compiled = {(r["key"][0], r["arch"], r["key"][2], r["key"][5]) for r in variant_records}
+    combos = {2: triton_attention.VARIANT_CALLS, 4: triton_attention.FP32_SAMPLE_COMBINATIONS}
+    assert compiled == {(kernel, arch, itemsize, combo) for kernel in (*CONFIGS, "decode") for arch in ARCHS
+                        for itemsize in VARIANT_HEAD_DIMS for combo in combos[itemsize]
                         if kernel != "decode" or "varlen" not in combo}
+    assert {r["key"][0] for r in variant_records if r["key"][2] == 4} == {*CONFIGS, "decode"}
     wrong = _variant_differences(variant_records)
     assert not wrong, "rerun benchmarks/aot_table.py --variants, or fix the kernel:\n" + "\n".join(wrong)
 
@@ -389,8 +416,9 @@ def test_whole_table_recompiles_exactly():
     assert not wrong, "rerun benchmarks/aot_table.py:\n" + "\n".join(wrong)
 
 
-@pytest.mark.skipif(not os.environ.get("FASTGPT_AOT_FULL"), reason="the whole variant table: 727 compiles, about "
-                    "21 minutes on 2 jobs; set FASTGPT_AOT_FULL=1 (after changing a kernel or a tile list)")
+@pytest.mark.skipif(not os.environ.get("FASTGPT_AOT_FULL"), reason="the whole variant table: 1,573 compiles "
+                    "(bf16 727, fp32 846), about 35 minutes on 2 jobs; set FASTGPT_AOT_FULL=1 (after changing a "
+                    "kernel or a tile list)")
 def test_whole_variant_table_recompiles_exactly():
     records = run_aot("fastgpt.kernels.attention", "variant_table_specs", timeout=6 * 3600, jobs=2)
     assert {(*r["key"][:4], tuple(r["key"][4]), r["key"][5]) for r in records} == set(VARIANT_STACK)
