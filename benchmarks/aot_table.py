@@ -36,8 +36,8 @@ recompiles part of each table in CI (all of them with FASTGPT_AOT_FULL=1) and fa
 difference. The plain table: 280 compiles (its 130 fp32 ones took 476 s on 2 busy cores); the
 variant table: bf16 727 compiles in two rounds (720, then 7 fallback tiles where every other one
 spilled), 21 minutes on 2 busy cores; fp32 846 compiles in one round (a spilling fp32 tile only
-drops itself: its lists have no fallback tiles), 13.5 minutes on 2 busy cores (head dims 64 and
-128: 332 compiles in 423 s, then 16 and 32: 514 in 387 s).
+drops itself: its lists have no fallback tiles), 12 minutes on 2 busy cores (head dims 64 and
+128: 332 compiles in 334 s, 16 and 32: 514 in 387 s).
 """
 
 import argparse

@@ -23,9 +23,9 @@ from .attention_backward import (
     launch_backward, preprocess_launch,
 )
 from .attention_configs import (
-    ARCH_OF_TARGET, CONFIGS, DECODE_MAX_ROWS, DECODE_TILES, DECODE_WARPS, SHARED_MEMORY_LIMITS, VARIANT_HEAD_DIMS,
-    VARIANT_NAMES, Variant, decode_blocks, decode_tile, device_limits, head_dim_padded, select_blocks, shape_constexprs,
-    unsupported_reason,
+    ARCH_OF_TARGET, CONFIGS, DECODE_TILES, DECODE_WARPS, SHARED_MEMORY_LIMITS, VARIANT_HEAD_DIMS, VARIANT_NAMES,
+    Variant, decode_blocks, decode_max_rows, decode_tile, device_limits, head_dim_padded, select_blocks,
+    shape_constexprs, unsupported_reason,
 )
 from .attention_variant_resources import VARIANT_STACK
 from .attention_decode import DecodePlan, decode_launches, decode_plan
@@ -199,9 +199,11 @@ def _training_specs(head_dim, dtype, variant, targets, only=None):
     return specs
 
 
-def _decode_specs(head_dim, dtype, variant, targets, block_m=DECODE_MAX_ROWS, combine=False, tiles=None):
+def _decode_specs(head_dim, dtype, variant, targets, block_m=None, combine=False, tiles=None):
     """The decode kernel in every key tile of DECODE_TILES (or ``tiles``), with its keys split (fp32
-    partials), ``block_m`` rows of a GQA group; with ``combine`` also the merge of the splits."""
+    partials), ``block_m`` rows of a GQA group (default: the most it takes, ``decode_max_rows``);
+    with ``combine`` also the merge of the splits."""
+    block_m = block_m or decode_max_rows(dtype.itemsize, head_dim_padded(head_dim))
     keys, splits = _AOT_DECODE["keys"], _AOT_DECODE["splits"]
     seq_q = max(1, block_m // 16)
     kv_heads = _AOT_HEADS * seq_q // block_m
@@ -277,7 +279,7 @@ def variant_offered(kernel, arch, itemsize, padded_head_dim, combo):
         limit = SHARED_MEMORY_LIMITS[part]
         if kernel == "decode":
             tile = decode_tile(arch, limit, padded_head_dim, itemsize)
-            offered += [decode_blocks(*tile)] if tile else []
+            offered += [decode_blocks(itemsize, padded_head_dim, *tile)] if tile else []
         else:
             offered += select_blocks(kernel, arch, limit, padded_head_dim, itemsize, _AOT_SEQ, _AOT_SEQ, combo)
     return list(dict.fromkeys(offered))

@@ -61,11 +61,13 @@ DQ_CONFIGS = {
     ("ampere", 4): [(64, 32, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2)],
 }
 # decode: (BLOCK_N, num_stages) of the key tile per bytes per element, in order of preference;
-# BLOCK_M is the GQA group's rows (16..64), 4 warps. In fp32 the 64-row tile spills at head dim
-# 128 in every key tile (sm_80 616-13,560 B of stack, sm_90 104-552 B): 16 keys spill least,
-# unpipelined on sm_90; tiles of 16 rows do not spill there.
+# BLOCK_M is the GQA group's rows (16 up to decode_max_rows), 4 warps.
 DECODE_TILES = {2: [(64, 3), (64, 2), (32, 2), (16, 2)], 4: [(64, 2), (32, 2), (16, 2), (16, 1)]}
-DECODE_MAX_ROWS = 64  # at most this many rows (queries × GQA group size) in one decode tile
+DECODE_MAX_ROWS = 64  # at most this many rows (queries × GQA group size) in one decode tile, but:
+# (bytes per element, padded head dim) -> fewer rows where 64 spill in every key tile: fp32 at
+# head dim 128 (sm_80 616-13,560 B of stack, sm_90 104-552 B); 16 rows compile clean there. More
+# rows go to the forward kernel.
+DECODE_FEWER_ROWS = {(4, 128): 16}
 DECODE_WARPS = 4
 FALLBACK_TILES = {"forward": _SMALL_FORWARD, "backward_dkdv": _SMALL_DKDV, "backward_dq": _SMALL_DQ}
 CONFIGS = {"forward": FORWARD_CONFIGS, "backward_dkdv": DKDV_CONFIGS, "backward_dq": DQ_CONFIGS}
@@ -108,14 +110,20 @@ def all_blocks(configs_by_arch):
     return list(dict.fromkeys(b for blocks in configs_by_arch.values() for b in blocks))
 
 
-def decode_blocks(block_n, num_stages):
+def decode_max_rows(itemsize, padded_head_dim):
+    """At most this many rows (queries × GQA group size) go to the decode kernel."""
+    return DECODE_FEWER_ROWS.get((itemsize, padded_head_dim), DECODE_MAX_ROWS)
+
+
+def decode_blocks(itemsize, padded_head_dim, block_n, num_stages):
     """The decode configuration the resource table lists for a key tile: its widest tile of rows."""
-    return (DECODE_MAX_ROWS, block_n, DECODE_WARPS, num_stages)
+    return (decode_max_rows(itemsize, padded_head_dim), block_n, DECODE_WARPS, num_stages)
 
 
-def decode_candidates(itemsize):
-    """The decode configurations the table lists for this element size, in order of preference."""
-    return [decode_blocks(n, stages) for n, stages in DECODE_TILES[itemsize]]
+def decode_candidates(itemsize, padded_head_dim):
+    """The decode configurations the table lists at this element size and head dim, in order of
+    preference."""
+    return [decode_blocks(itemsize, padded_head_dim, n, stages) for n, stages in DECODE_TILES[itemsize]]
 
 
 def resources(kernel, arch, itemsize, padded_head_dim, blocks):
@@ -178,7 +186,8 @@ def select_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize, seq_q, 
 def decode_tile(arch, shared_limit, padded_head_dim, itemsize):
     """(BLOCK_N, num_stages) of the decode kernel (not autotuned): the first of DECODE_TILES that
     fits with the smallest stack frame (none: no spills); None when none fits."""
-    fits = fitting_blocks("decode", decode_candidates(itemsize), arch, shared_limit, padded_head_dim, itemsize)
+    fits = fitting_blocks("decode", decode_candidates(itemsize, padded_head_dim), arch, shared_limit, padded_head_dim,
+                          itemsize)
     if not fits:
         return None
     best = min(fits, key=lambda b: resources("decode", arch, itemsize, padded_head_dim, b)["stack"])  # first of ties
@@ -190,7 +199,7 @@ def unsupported_reason(arch, shared_limit, padded_head_dim, itemsize):
     ``shared_limit`` bytes, else which kernel has none."""
     for kernel in (*CONFIGS, "decode"):
         if kernel == "decode":
-            candidates = decode_candidates(itemsize)
+            candidates = decode_candidates(itemsize, padded_head_dim)
             fits = decode_tile(arch, shared_limit, padded_head_dim, itemsize) is not None
         else:
             candidates = CONFIGS[kernel][arch, itemsize]

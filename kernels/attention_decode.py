@@ -12,13 +12,13 @@ import triton.language as tl
 
 from . import interpreting
 from .attention_configs import (
-    DECODE_MAX_ROWS, DECODE_WARPS, INTERPRETER_BLOCKS, decode_tile, device_limits, head_dim_padded, shape_constexprs,
+    DECODE_WARPS, INTERPRETER_BLOCKS, decode_max_rows, decode_tile, device_limits, head_dim_padded, shape_constexprs,
     strides,
 )
 from .attention_forward import LN2, LOG2E, forward_visible_tiles, key_range, normalized_rows, window_edges
 from .launch import KernelLaunch
 
-# At most this many queries, and queries × GQA group size rows (DECODE_MAX_ROWS), go to the decode
+# At most this many queries, and queries × GQA group size rows (decode_max_rows), go to the decode
 # kernel; keys are split at most DECODE_MAX_SPLITS ways, and the merge sums DECODE_COMBINE_SPLITS
 # splits of a row at a time (a (splits, head_dim) fp32 tile per step stays small in registers).
 DECODE_MAX_QUERIES = 4
@@ -134,10 +134,11 @@ def attention_decode_combine_kernel(
 
 def decode_plan(batch, kv_heads, group_size, seq_q, seq_k, head_dim, q):
     """``DecodePlan`` when the queries are few enough for the decode kernel (every query of a GQA
-    group in one tile of at most DECODE_MAX_ROWS rows), else None. Keys are split so that
-    batch · kv_heads · splits programs fill the GPU, each split at least two key tiles long."""
+    group in one tile of at most ``decode_max_rows`` rows: 64, 16 in fp32 at head dim 128), else
+    None. Keys are split so that batch · kv_heads · splits programs fill the GPU, each split at
+    least two key tiles long. The interpreter routes alike, so the CPU tests take the same kernel."""
     rows = group_size * seq_q
-    if seq_q > DECODE_MAX_QUERIES or rows > DECODE_MAX_ROWS:
+    if seq_q > DECODE_MAX_QUERIES or rows > decode_max_rows(q.element_size(), head_dim_padded(head_dim)):
         return None
     if interpreting():
         block_n, wanted_splits, num_stages = INTERPRETER_BLOCKS["BLOCK_N"], 4, 1
