@@ -84,7 +84,7 @@ def attention_forward(q, k, v, causal, scale, *, window=None, softcap=0.0):
     # splits the keys across programs, so the splits share the window rather than the whole cache
     # (the mask is relative to the last key, so it is unchanged; 16 rows keep the view's alignment)
     unseen = 0 if window is None or window[0] < 0 else max(seq_k - seq_q - window[0], 0) // 16 * 16
-    plan = decode_plan(batch, kv_heads, heads // kv_heads, seq_q, seq_k - unseen, head_dim, q)
+    plan = decode_plan(batch, kv_heads, heads // kv_heads, seq_q, seq_k - unseen, head_dim, q, variant.combination())
     with on_device(q):
         if plan is not None:
             k, v = k[:, :, unseen:], v[:, :, unseen:]
@@ -278,7 +278,7 @@ def variant_offered(kernel, arch, itemsize, padded_head_dim, combo):
     for part in _parts_of(arch):
         limit = SHARED_MEMORY_LIMITS[part]
         if kernel == "decode":
-            tile = decode_tile(arch, limit, padded_head_dim, itemsize)
+            tile = decode_tile(arch, limit, padded_head_dim, itemsize, combo)
             offered += [decode_blocks(itemsize, padded_head_dim, *tile)] if tile else []
         else:
             offered += select_blocks(kernel, arch, limit, padded_head_dim, itemsize, _AOT_SEQ, _AOT_SEQ, combo)

@@ -183,14 +183,15 @@ def select_blocks(kernel, arch, shared_limit, padded_head_dim, itemsize, seq_q, 
     return [b for b in usable if b[0] <= bound_m and b[1] <= bound_n] or usable
 
 
-def decode_tile(arch, shared_limit, padded_head_dim, itemsize):
-    """(BLOCK_N, num_stages) of the decode kernel (not autotuned): the first of DECODE_TILES that
-    fits with the smallest stack frame (none: no spills); None when none fits."""
+def decode_tile(arch, shared_limit, padded_head_dim, itemsize, combo=""):
+    """(BLOCK_N, num_stages) of the decode kernel (not autotuned) for a call of the specialization
+    ``combo`` (``combination``): the first of DECODE_TILES that fits with the smallest stack frame
+    for it (``stack_bytes``; none: no spills); None when none fits."""
     fits = fitting_blocks("decode", decode_candidates(itemsize, padded_head_dim), arch, shared_limit, padded_head_dim,
                           itemsize)
     if not fits:
         return None
-    best = min(fits, key=lambda b: resources("decode", arch, itemsize, padded_head_dim, b)["stack"])  # first of ties
+    best = min(fits, key=lambda b: stack_bytes("decode", arch, itemsize, padded_head_dim, b, combo))  # first of ties
     return best[1], best[3]
 
 

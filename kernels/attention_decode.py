@@ -132,18 +132,19 @@ def attention_decode_combine_kernel(
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-def decode_plan(batch, kv_heads, group_size, seq_q, seq_k, head_dim, q):
+def decode_plan(batch, kv_heads, group_size, seq_q, seq_k, head_dim, q, combo=""):
     """``DecodePlan`` when the queries are few enough for the decode kernel (every query of a GQA
     group in one tile of at most ``decode_max_rows`` rows: 64, 16 in fp32 at head dim 128), else
     None. Keys are split so that batch · kv_heads · splits programs fill the GPU, each split at
-    least two key tiles long. The interpreter routes alike, so the CPU tests take the same kernel."""
+    least two key tiles long; the key tile is the one clean for the call's specialization ``combo``
+    (``decode_tile``). The interpreter routes alike, so the CPU tests take the same kernel."""
     rows = group_size * seq_q
     if seq_q > DECODE_MAX_QUERIES or rows > decode_max_rows(q.element_size(), head_dim_padded(head_dim)):
         return None
     if interpreting():
         block_n, wanted_splits, num_stages = INTERPRETER_BLOCKS["BLOCK_N"], 4, 1
     else:
-        tile = decode_tile(*device_limits(q.device), head_dim_padded(head_dim), q.element_size())
+        tile = decode_tile(*device_limits(q.device), head_dim_padded(head_dim), q.element_size(), combo)
         if tile is None:  # attention_unsupported declines these inputs first
             raise ValueError(f"no decode tile fits this GPU's shared memory at head_dim {head_dim}, {q.dtype}")
         block_n, num_stages = tile

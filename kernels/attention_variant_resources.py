@@ -1044,6 +1044,8 @@ VARIANT_STACK = {
     ('decode', 'hopper', 4, 64, (64, 32, 4, 2), 'softcap'): 0,
     ('decode', 'hopper', 4, 64, (64, 32, 4, 2), 'window'): 0,
     ('decode', 'hopper', 4, 64, (64, 32, 4, 2), 'window+softcap'): 0,
+    ('decode', 'hopper', 4, 128, (16, 32, 4, 2), 'window'): 0,
+    ('decode', 'hopper', 4, 128, (16, 32, 4, 2), 'window+softcap'): 0,
     ('decode', 'hopper', 4, 128, (16, 64, 4, 2), 'causal+softcap'): 0,
     ('decode', 'hopper', 4, 128, (16, 64, 4, 2), 'causal+window'): 0,
     ('decode', 'hopper', 4, 128, (16, 64, 4, 2), 'causal+window+softcap'): 0,
