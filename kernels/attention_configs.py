@@ -148,6 +148,11 @@ def combination(causal, variants=frozenset()):
     return "+".join((["causal"] if causal else []) + [name for name in VARIANT_NAMES if name in variants])
 
 
+def combination_of(constexprs):
+    """``combination`` of a specialization given by its CAUSAL, WINDOW, SOFTCAP and VARLEN switches."""
+    return combination(constexprs["CAUSAL"], {name for name in VARIANT_NAMES if constexprs[name.upper()]})
+
+
 def stack_bytes(kernel, arch, itemsize, padded_head_dim, blocks, combo=""):
     """Stack bytes (spills) of one configuration compiled for the specialization ``combo``: from
     the variant table where it lists it (the tiles a variant call can be offered at
@@ -249,7 +254,7 @@ def _pruner(kernel):
     def prune(configs, named_args, **kwargs):
         q = named_args["q_ptr"]
         arch, limit = device_limits(q.device)
-        combo = combination(kwargs["CAUSAL"], {name for name in VARIANT_NAMES if kwargs[name.upper()]})
+        combo = combination_of(kwargs)
         chosen = set(select_blocks(kernel, arch, limit, kwargs["HEAD_DIM_PADDED"], q.element_size(),
                                    named_args["seq_q"], named_args["seq_k"], combo))
         return [c for c in configs if _blocks_of(c) in chosen]
@@ -318,9 +323,7 @@ class Variant:
 
     def combination(self):
         """The specialization's name in the variant resource table (``combination``)."""
-        return combination(self.causal, {name for name, used in (("window", self.window is not None),
-                                                                   ("softcap", self.softcap > 0),
-                                                                   ("varlen", self.varlen)) if used})
+        return combination_of(self.constexprs())
 
     def constexprs(self):
         return dict(CAUSAL=bool(self.causal), WINDOW=self.window is not None, SOFTCAP=self.softcap > 0,

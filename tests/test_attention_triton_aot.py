@@ -305,9 +305,8 @@ def test_variant_sample_recompiles_exactly(variant_records):
     """CI's sample of the variant table (``variant_sample_specs``: at head dim 128, for sm_80 and
     sm_90, each of the 14 combinations in bf16 and two of them in fp32 (every option on, with and
     without the mask: every kernel), in the first tile the selection offers each kernel: 96 + 14
-    compiles, 91 s on 2 jobs from a cold Triton cache) compiles to the stack the table lists (0
-    since the tile is offered, but the fp32 decode's: KNOWN_VARIANT_SPILLS) and to the plain
-    table's shared memory. The other head dims, combinations, tiles and spilling entries are
+    compiles, 91 s on 2 jobs from a cold Triton cache) compiles to the stack the table lists (0,
+    since the tile is offered) and to the plain table's shared memory. The other head dims, combinations, tiles and spilling entries are
     recompiled with FASTGPT_AOT_FULL=1."""
     compiled = {(r["key"][0], r["arch"], r["key"][2], r["key"][5]) for r in variant_records}
     combos = {2: triton_attention.VARIANT_CALLS, 4: triton_attention.FP32_SAMPLE_COMBINATIONS}
