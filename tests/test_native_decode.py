@@ -44,6 +44,7 @@ def cache_views(batch, kv_heads, keys, head_dim, dtype):
         (1, 8, 1, 4, 700, 80),  # group 8, a head dim of 5 lane groups
         (2, 4, 1, 2, 65, 130),  # head dim not whole lane groups
         (1, 6, 2, 4, 3, 64),  # fewer keys than queries: the first rows see nothing
+        (1, 4, 2, 1, 300, 24),  # bf16: a head dim shorter than one 32-value load
     ],
 )
 def test_decode_matches_float64(decode_route, poisoned_outputs, dtype, splits, batch, heads, kv_heads, queries, keys,
@@ -61,16 +62,17 @@ def test_decode_matches_float64(decode_route, poisoned_outputs, dtype, splits, b
     assert_close("lse", lse[seen], ref_lse[seen], torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_decode_strided_inputs_and_non_causal(decode_route, causal):
-    """Non-unit inner strides (converted per block) and the mask off."""
+def test_decode_strided_inputs_and_non_causal(decode_route, causal, dtype):
+    """Non-unit inner strides (copied per block) and the mask off."""
     decode_route("always", 2)
-    wide = torch.randn(1, 600, 4, 2 * 64)
+    wide = torch.randn(1, 600, 4, 2 * 64, dtype=dtype)
     k, v = wide[..., ::2].transpose(1, 2), wide[..., 1::2].transpose(1, 2)
-    q = torch.randn(1, 2, 8, 67)[..., 1:65].transpose(1, 2)  # (1, 8, 2, 64), seq-major
+    q = torch.randn(1, 2, 8, 67, dtype=dtype)[..., 1:65].transpose(1, 2)  # (1, 8, 2, 64), seq-major
     out, lse = torch.ops.fastgpt.native_attention_forward(q, k, v, causal, 0.125)
     ref_out, ref_lse = attention_float64(q, k, v, causal, 0.125)
-    assert_close("out", out, ref_out, torch.float32)
+    assert_close("out", out, ref_out, dtype)
     assert_close("lse", lse, ref_lse, torch.float32)
 
 
