@@ -78,7 +78,7 @@ def attention_decode_kernel(
     acc, row_max, row_sum = forward_visible_tiles(
         acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         query, 0, seq_q - 1, offs_n, offs_d, seq_k, right_edge, left_edge, scale * LOG2E, softcap, start_n, end_n,
-        HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, PAD_D, DOT_PRECISION,
+        HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, PAD_D, DOT_PRECISION,
     )
 
     out, lse2 = normalized_rows(acc, row_max, row_sum)

@@ -7,8 +7,10 @@ log-sum-exp of each query row.
 A query block visits only the key tiles that intersect what its rows may see ([lo, hi) from the
 causal mask and the sliding window, so a window's cost grows with the window, not the sequence),
 and masks only the tiles that cross an edge of that range (a window's left edge, the diagonal, the
-end of the keys): the unmasked run and the masked tiles on either side of it are two loops
-specialized at compile time (``forward_visible_tiles`` says why not one, nor three). Variants are
+end of the keys): the unmasked run is one software-pipelined loop, and the masked tiles after it
+(the diagonal, the end of the keys) are straight-line steps before it, so a program has one
+pipeline prologue; under a window, and in fp32, the masked tiles on either side of the run are a
+second loop (``forward_visible_tiles`` says why). Variants are
 compile-time switches: CAUSAL and WINDOW (runtime ``window_left``/``window_right``, the host
 turning an unbounded side into a bound no key reaches), SOFTCAP (``softcap · tanh(score · scale /
 softcap)`` before the mask), and VARLEN (packed sequences: a program reads its sequence's offsets
@@ -112,49 +114,74 @@ def visible_keys(rows, cols, seq_k, right_edge, left_edge, CAUSAL: tl.constexpr,
 
 
 @triton.jit
-def forward_key_tiles(
+def forward_tile(
     acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-    rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, start_n, end_n, skip_from, skip,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, SKIPS: tl.constexpr, PAD_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    rows, offs_n, offs_d, seq_k, right_edge, left_edge, score_scale, gap_scale, tile_start,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Online softmax over key tiles [start_n, end_n) (start_n a multiple of BLOCK_N), or with SKIPS
-    the tiles from ``skip_from`` on moved ``skip`` keys further (a multiple of BLOCK_N: one loop over
-    the tiles on both sides of a run); MASKED tiles cross an edge of the visible range or the end of
-    the keys. ``qk_scale`` (scale · log2(e)) must be > 0: the host negates q for a negative scale
-    and zeroes it for a zero one. ``row_max`` is in the log2 domain and stays -inf until the row
-    has seen a key."""
+    """One online-softmax step over the key tile at ``tile_start``; a MASKED tile crosses an edge
+    of the visible range or the end of the keys. ``score_scale`` (> 0) turns a score (its soft-capped
+    tanh under SOFTCAP, then the cap) into the log2 domain; ``row_max`` is in that domain and stays
+    -inf until the row has seen a key."""
+    cols = tile_start + offs_n
+    k = load_tile(tile_pointers(k_base, cols, stride_kn, offs_d, stride_kd), cols, seq_k, offs_d, HEAD_DIM,
+                  MASKED, PAD_D)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled
+    if SOFTCAP:
+        scores = 1.0 - 2.0 * tanh_gap(scores * gap_scale)  # tanh(y); the cap is score_scale
+    if MASKED:  # -inf times a positive scale stays -inf
+        scores = tl.where(visible_keys(rows, cols, seq_k, right_edge, left_edge, CAUSAL, WINDOW), scores,
+                          float("-inf"))
+    # score_scale > 0, so the scaled max is the max times the scale; the scale then folds into
+    # exp2's argument (one FMA per score instead of a multiply and a subtract)
+    new_max = tl.maximum(row_max, tl.max(scores, 1) * score_scale)  # -inf while a row has seen no key
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # such a row: exp2 gives 0, not NaN
+    probs = tl.math.exp2(scores * score_scale - shift[:, None])
+    correction = tl.math.exp2(row_max - shift)
+    row_sum = row_sum * correction + tl.sum(probs, 1)
+    acc = acc * correction[:, None]
+    # V only now: a step outside the loop loads through registers, where K and V together spilled
+    # (the 128x64 tile on sm_80: 16 B); the loop's software pipelining moves both loads anyway
+    v = load_tile(tile_pointers(v_base, cols, stride_vn, offs_d, stride_vd), cols, seq_k, offs_d, HEAD_DIM,
+                  MASKED, PAD_D)
+    acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, new_max, row_sum
+
+
+@triton.jit
+def score_scales(qk_scale, softcap, SOFTCAP: tl.constexpr):
+    """(score_scale, gap_scale) of ``forward_tile`` from ``qk_scale`` (scale · log2(e), > 0: the host
+    negates q for a negative scale and zeroes it for a zero one)."""
     if SOFTCAP:
         gap_scale = 2.0 * qk_scale / softcap  # 2y·log2(e) for y = score · scale / softcap
         score_scale = softcap * LOG2E  # softcap · tanh(y) in the log2 domain
     else:
+        gap_scale = qk_scale  # unused
         score_scale = qk_scale
+    return score_scale, gap_scale
+
+
+@triton.jit
+def forward_key_tiles(
+    acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    rows, offs_n, offs_d, seq_k, right_edge, left_edge, score_scale, gap_scale, start_n, end_n, skip_from, skip,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASKED: tl.constexpr, SKIPS: tl.constexpr, PAD_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """``forward_tile`` over key tiles [start_n, end_n) (start_n a multiple of BLOCK_N) in one
+    software-pipelined loop, or with SKIPS the tiles from ``skip_from`` on moved ``skip`` keys
+    further (a multiple of BLOCK_N: one loop over the tiles on both sides of a run)."""
     for step_start in range(start_n, end_n, BLOCK_N):
         tile_start = step_start
         if SKIPS:
             tile_start = step_start + tl.where(step_start >= skip_from, skip, 0)
-        cols = tile_start + offs_n
-        k = load_tile(tile_pointers(k_base, cols, stride_kn, offs_d, stride_kd), cols, seq_k, offs_d, HEAD_DIM,
-                      MASKED, PAD_D)
-        v = load_tile(tile_pointers(v_base, cols, stride_vn, offs_d, stride_vd), cols, seq_k, offs_d, HEAD_DIM,
-                      MASKED, PAD_D)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled
-        if SOFTCAP:
-            scores = 1.0 - 2.0 * tanh_gap(scores * gap_scale)  # tanh(y); the cap is score_scale
-        if MASKED:  # -inf times a positive scale stays -inf
-            scores = tl.where(visible_keys(rows, cols, seq_k, right_edge, left_edge, CAUSAL, WINDOW), scores,
-                              float("-inf"))
-        # score_scale > 0, so the scaled max is the max times the scale; the scale then folds into
-        # exp2's argument (one FMA per score instead of a multiply and a subtract)
-        new_max = tl.maximum(row_max, tl.max(scores, 1) * score_scale)  # -inf while a row has seen no key
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # such a row: exp2 gives 0, not NaN
-        probs = tl.math.exp2(scores * score_scale - shift[:, None])
-        correction = tl.math.exp2(row_max - shift)
-        row_sum = row_sum * correction + tl.sum(probs, 1)
-        acc = acc * correction[:, None]
-        acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        row_max = new_max
+        acc, row_max, row_sum = forward_tile(
+            acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            rows, offs_n, offs_d, seq_k, right_edge, left_edge, score_scale, gap_scale, tile_start,
+            HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, MASKED, PAD_D, DOT_PRECISION,
+        )
     return acc, row_max, row_sum
 
 
@@ -162,33 +189,60 @@ def forward_key_tiles(
 def forward_visible_tiles(
     acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
     rows, first_row, last_row, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, lo, hi,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """The key tiles [lo, hi) of rows first_row..last_row: the unmasked run, then the tiles after it
-    (the diagonal, the end of the keys) and, under WINDOW, those before it (the window's left edge)
-    in the same masked loop. Separate loops for the run and the masked tiles rather than one loop
-    that tests each tile: a branch inside the loop hides the chain of the two dot products from
-    Triton 3.9 (the probabilities then pass through shared memory) or, around the whole step, stops
-    the software pipelining of the K/V loads; and one masked loop rather than one per side: a
-    third software-pipelined loop spilled the largest tiles at head dim 128 (56-72 B of stack)."""
+    """The key tiles [lo, hi) of rows first_row..last_row (at most BLOCK_M rows apart): the unmasked
+    run in one software-pipelined loop, and the masked tiles after it (the diagonal, the end of the
+    keys) peeled out of any loop, before the run: straight-line steps, each skipped from ``hi`` on,
+    so the program has one pipeline prologue and drain.
+
+    How many: a tile needs the mask only if some row's last visible key lies in it or before its
+    end, and the rows' last visible keys span at most BLOCK_M - 1 keys; with the run's end rounded
+    down to a tile, at most BLOCK_M - 1 + BLOCK_N - 1 keys follow it, for any alignment of seq_k to
+    seq_q (rows that see no key included) and in the decode's splits (each starts on a tile). The
+    causal steps are PEEL_N = BLOCK_N / 2 keys wide (16 at least): a step outside the loop takes
+    its K and V through registers, not cp.async, and full-width steps spilled the 128x64 tile on
+    sm_80 (24 B at head dim 128); without the mask one full-width step covers the ragged end.
+
+    Not one loop that tests each tile: a branch inside the loop hides the chain of the two dot
+    products from Triton 3.9 (the probabilities then pass through shared memory) or, around the whole
+    step, stops the software pipelining of the K/V loads. Peeled before the run rather than after
+    it: after it, Triton keeps Q in registers (the dot's operand layout) through the whole loop.
+    Two cases keep the masked tiles in a second software-pipelined loop after the run: WINDOW, whose
+    masked tiles lie on both sides of the run (twice the peeled steps; one loop that skips the run
+    rather than one per side: a third loop spilled the largest tiles at head dim 128, 56-72 B of
+    stack), and fp32 ("tf32x3" products), whose peeled steps spilled every tile (0.5-3 KB of stack)."""
+    score_scale, gap_scale = score_scales(qk_scale, softcap, SOFTCAP)
     full_lo, full_hi = unmasked_tiles(lo, hi, first_row, last_row, seq_k, right_edge, left_edge, BLOCK_N, CAUSAL,
                                       WINDOW)
+    PEELED: tl.constexpr = not WINDOW and DOT_PRECISION != "tf32x3"
+    if PEELED:
+        PEEL_N: tl.constexpr = max(BLOCK_N // 2, 16) if CAUSAL else BLOCK_N
+        STEPS: tl.constexpr = (BLOCK_M + BLOCK_N - 2 + PEEL_N - 1) // PEEL_N if CAUSAL else 1
+        for step in tl.static_range(STEPS):
+            step_start = full_hi + step * PEEL_N
+            if step_start < hi:
+                acc, row_max, row_sum = forward_tile(
+                    acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                    rows, tl.arange(0, PEEL_N), offs_d, seq_k, right_edge, left_edge, score_scale, gap_scale,
+                    step_start, HEAD_DIM, CAUSAL, WINDOW, SOFTCAP, True, PAD_D, DOT_PRECISION,
+                )
     acc, row_max, row_sum = forward_key_tiles(
         acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, full_lo, full_hi, 0, 0,
+        rows, offs_n, offs_d, seq_k, right_edge, left_edge, score_scale, gap_scale, full_lo, full_hi, 0, 0,
         HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, False, False, PAD_D, DOT_PRECISION,
     )
     if WINDOW:  # [lo, full_lo) then [full_hi, hi)
         acc, row_max, row_sum = forward_key_tiles(
             acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, lo, hi - (full_hi - full_lo),
+            rows, offs_n, offs_d, seq_k, right_edge, left_edge, score_scale, gap_scale, lo, hi - (full_hi - full_lo),
             full_lo, full_hi - full_lo, HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, True, True, PAD_D, DOT_PRECISION,
         )
-    else:
+    elif not PEELED:
         acc, row_max, row_sum = forward_key_tiles(
             acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            rows, offs_n, offs_d, seq_k, right_edge, left_edge, qk_scale, softcap, full_hi, hi, 0, 0,
+            rows, offs_n, offs_d, seq_k, right_edge, left_edge, score_scale, gap_scale, full_hi, hi, 0, 0,
             HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, True, False, PAD_D, DOT_PRECISION,
         )
     return acc, row_max, row_sum
@@ -259,7 +313,7 @@ def attention_forward_kernel(
     acc, row_max, row_sum = forward_visible_tiles(
         acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         rows, first_row, last_row, offs_n, offs_d, seq_k, right_edge, left_edge, scale * LOG2E, softcap, lo, hi,
-        HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, PAD_D, DOT_PRECISION,
+        HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, PAD_D, DOT_PRECISION,
     )
 
     out, lse2 = normalized_rows(acc, row_max, row_sum)
