@@ -8,8 +8,8 @@ and optionally ``targets`` (compute capabilities, default sm_80 and sm_90) and `
 into the record), one per configuration its launchers can pick, built by
 ``fastgpt.kernels.launch.aot_spec`` from the arguments a real launch passes. The script prints a
 resource report and, last, one JSON line with a record per (spec, target), with the registers,
-stack, shared memory and a few SASS instruction counts. ``run_aot(module)`` does that from a test
-and returns the records.
+stack, shared memory and a few SASS instruction counts, in the whole kernel and in each loop.
+``run_aot(module)`` does that from a test and returns the records.
 
 ``triton.compile`` with a ``GPUTarget`` runs the whole NVIDIA pipeline (TTIR → TTGIR → LLVM
 → PTX → cubin) on the CPU, so a kernel that only works in the interpreter fails here. The
@@ -26,8 +26,10 @@ import tempfile
 
 ARCHS = (80, 90)  # Ampere (A100) and Hopper (H100/H200)
 # instructions each record counts in its SASS; tensor-core products are HMMA (mma.sync: sm_80, and
-# sm_90 tiles that do not lower to wgmma) or HGMMA (wgmma, sm_90): e.g. HMMA.1688.F32.TF32
-SASS_COUNTED = ("FMUL", "FFMA", "FADD", "MUFU.EX2", "HMMA", "HGMMA")
+# sm_90 tiles that do not lower to wgmma) or HGMMA (wgmma, sm_90): e.g. HMMA.1688.F32.TF32; LDGDEPBAR
+# closes a group of cp.async copies (a software-pipelined load: num_stages - 1 groups per loaded
+# tensor in the loop's prologue, one in its body)
+SASS_COUNTED = ("FMUL", "FFMA", "FADD", "MUFU.EX2", "HMMA", "HGMMA", "LDGDEPBAR")
 
 
 def compile_kernel(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, attrs=None):
@@ -79,6 +81,28 @@ def sass(compiled):
         return _cuobjdump("--dump-sass", f.name)
 
 
+def sass_counts(code):
+    """``{op: count}`` of the SASS_COUNTED instructions in ``code``."""
+    return {op: len(re.findall(rf"\b{re.escape(op)}\b", code)) for op in SASS_COUNTED}
+
+
+_BRANCH = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+0x([0-9a-f]+)")
+_ADDRESS = re.compile(r"/\*([0-9a-f]+)\*/")
+
+
+def loop_bodies(code):
+    """The SASS of each loop, in order: the instructions from a branch back to an earlier address
+    up to that branch (the ``BRA`` to itself after ``EXIT``, which stops a fall-through, is no loop)."""
+    lines = [(int(m.group(1), 16), line) for line in code.splitlines() if (m := _ADDRESS.search(line))]
+    bodies = []
+    for address, line in lines:
+        branch = _BRANCH.search(line)
+        if branch and int(branch.group(2), 16) < address:
+            start = int(branch.group(2), 16)
+            bodies.append("\n".join(text for at, text in lines if start <= at <= address))
+    return bodies
+
+
 def report_line(name, arch, compiled):
     usage = resource_usage(compiled)
     return (
@@ -110,7 +134,8 @@ def _compile_record(spec):
                 **resource_usage(compiled),
                 "wgmma_in_ptx": "wgmma" in compiled.asm["ptx"],
                 "hgmma_in_sass": arch >= 90 and "HGMMA" in code,
-                "sass_counts": {op: len(re.findall(rf"\b{re.escape(op)}\b", code)) for op in SASS_COUNTED},
+                "sass_counts": sass_counts(code),
+                "loop_sass_counts": [sass_counts(body) for body in loop_bodies(code)],
             }
         )
     return records
