@@ -164,6 +164,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         info["threads"] = at::get_num_threads();
         info["cpu_gemm"] = fastgpt::cpu::gemm_path();
         info["cpu_bf16_gemm"] = fastgpt::cpu::bf16_gemm_available();
+        info["cpu_bf16_dot"] = fastgpt::cpu::bf16_dot_available();
         info["torch"] = TORCH_VERSION;
         info["cxx11_abi"] = std::string(FASTGPT_CXX11_ABI_TEXT) == "1";
         info["compiler"] = fastgpt::compiler_name();
@@ -173,7 +174,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       "kernels take (cpu_attention_max_head_dim; the CPU add+LayerNorm takes any hidden size; "
       "cuda_attention_dtypes, cuda_attention_head_dims, cuda_add_layer_norm_max_hidden), OpenMP, threads, torch "
       "and its C++ ABI, compiler, and how the CPU kernels multiply tiles (cpu_gemm: 'blas', torch's BLAS called "
-      "directly, or 'aten'; cpu_bf16_gemm: bf16 tiles multiplied in bf16 on this CPU).");
+      "directly, or 'aten'; cpu_bf16_gemm: bf16 tiles multiplied in bf16 on this CPU; cpu_bf16_dot: AVX512-BF16's "
+      "dot product used, e.g. for bf16 decode scores).");
   module.def(
       "cpu_output_cache",
       []() {
@@ -190,7 +192,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("empty_cpu_output_cache", &fastgpt::empty_cpu_output_cache,
              "Free every CPU output buffer kept for reuse.");
   module.def("_set_force_aten_gemm", &fastgpt::cpu::set_force_aten_gemm, pybind11::arg("enabled"),
-             "Test hook: when on, the CPU kernels multiply tiles through at::cpu::addmm_ instead of the BLAS.");
+             "Test hook: when on, the CPU kernels multiply tiles through at::cpu::addmm_ instead of the BLAS, and "
+             "bf16 on the portable vector path instead of the CPU's bf16 units.");
   module.def("_set_poison_outputs", &fastgpt::set_poison_outputs, pybind11::arg("enabled"),
              "Test hook: when on, every output the native kernels allocate is filled with NaN first.");
 }

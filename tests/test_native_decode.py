@@ -2,7 +2,9 @@
 KV cache, GQA groups sharing one pass over K/V, long caches split with a log-sum-exp merge.
 
 The test hook ``torch.ops.fastgpt._set_cpu_decode(route, splits)`` forces the kernel ("always") and
-the number of key splits, so both the unsplit and the merged path are checked against float64."""
+the number of key splits, so both the unsplit and the merged path are checked against float64; bf16
+scores run both on AVX512-BF16's dot product (where the CPU has it) and on the portable vector path
+(``fastgpt._C._set_force_aten_gemm``)."""
 
 import math
 
@@ -28,13 +30,30 @@ def decode_route():
     torch.ops.fastgpt._set_cpu_decode("rule", 0)
 
 
+# (dtype, how bf16 is multiplied): only bf16 has a second way
+DTYPES_AND_PRODUCTS = [(torch.float32, "vector"), (torch.bfloat16, "bf16 units"), (torch.bfloat16, "vector"),
+                       (torch.float16, "vector")]
+
+
+@pytest.fixture
+def bf16_products(request):
+    """Both ways the kernel multiplies bf16: the CPU's bf16 dot product and the portable vector code."""
+    from fastgpt import _C
+
+    if request.param == "bf16 units" and not _C.build_info()["cpu_bf16_dot"]:
+        pytest.skip("this CPU has no AVX512-BF16: the kernel always takes the vector path")
+    _C._set_force_aten_gemm(request.param == "vector")
+    yield request.param
+    _C._set_force_aten_gemm(False)
+
+
 def cache_views(batch, kv_heads, keys, head_dim, dtype):
     """K and V as views of a longer preallocated (batch, kv_heads, capacity, head_dim) cache."""
     cache = torch.randn(2, batch, kv_heads, keys + 37, head_dim, dtype=dtype)
     return cache[0, :, :, :keys], cache[1, :, :, :keys]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype, bf16_products", DTYPES_AND_PRODUCTS, indirect=["bf16_products"])
 @pytest.mark.parametrize("splits", [1, 3, 0])
 @pytest.mark.parametrize(
     "batch,heads,kv_heads,queries,keys,head_dim",
@@ -47,8 +66,8 @@ def cache_views(batch, kv_heads, keys, head_dim, dtype):
         (1, 4, 2, 1, 300, 24),  # bf16: a head dim shorter than one 32-value load
     ],
 )
-def test_decode_matches_float64(decode_route, poisoned_outputs, dtype, splits, batch, heads, kv_heads, queries, keys,
-                                head_dim):
+def test_decode_matches_float64(decode_route, poisoned_outputs, bf16_products, dtype, splits, batch, heads, kv_heads,
+                                queries, keys, head_dim):
     decode_route("always", splits)
     q = torch.randn(batch, heads, queries, head_dim, dtype=dtype)
     k, v = cache_views(batch, kv_heads, keys, head_dim, dtype)
@@ -62,9 +81,9 @@ def test_decode_matches_float64(decode_route, poisoned_outputs, dtype, splits, b
     assert_close("lse", lse[seen], ref_lse[seen], torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype, bf16_products", DTYPES_AND_PRODUCTS[:3], indirect=["bf16_products"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_decode_strided_inputs_and_non_causal(decode_route, causal, dtype):
+def test_decode_strided_inputs_and_non_causal(decode_route, bf16_products, causal, dtype):
     """Non-unit inner strides (copied per block) and the mask off."""
     decode_route("always", 2)
     wide = torch.randn(1, 600, 4, 2 * 64, dtype=dtype)

@@ -49,6 +49,7 @@ def test_build_info_keys_and_types(extension):
     assert isinstance(info["compiler"], str) and info["compiler"]
     assert info["cpu_gemm"] in ("blas", "aten")
     assert isinstance(info["cpu_bf16_gemm"], bool)
+    assert isinstance(info["cpu_bf16_dot"], bool)
     assert isinstance(info["cuda_attention_backward"], bool)
     assert isinstance(info["cxx11_abi"], bool) and info["cxx11_abi"] == torch._C._GLIBCXX_USE_CXX11_ABI
     assert isinstance(info["cpu_attention_max_head_dim"], int) and info["cpu_attention_max_head_dim"] >= 128

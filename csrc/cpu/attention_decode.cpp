@@ -15,7 +15,9 @@
 // five instructions, which made the bf16 kernel compute-bound at 20-40% of the copy rate). So for
 // bf16 the query rows and the output accumulator are kept in the same "pair order": each 32
 // columns as their 16 even then their 16 odd ones, padded to whole 32-column chunks; the output
-// is put back in column order when stored. fp32 K/V keep column order.
+// is put back in column order when stored. fp32 K/V keep column order. Where the CPU has
+// AVX512-BF16, bf16 scores take its dot product instead (score_block_dot): bf16 q . k in pairs of
+// adjacent values, no widening at all.
 //
 // Long caches are split: the keys of each (batch, kv_head) are cut into `splits` ranges, one task
 // each, so that there are enough tasks for the threads even at batch 1 with few kv_heads. A task
@@ -205,6 +207,41 @@ FASTGPT_CPU_DISPATCH void score_block(const float* q, int64_t rows, const c10::B
   score_block_body(q, rows, k, ld, keys, head_dim, scale, scores);
 }
 
+#if defined(__GNUC__) && defined(__x86_64__)
+// The same for bf16 q (rows x head_dim, dense) and K on AVX512-BF16 (call only where
+// bf16_dot_available()): each VDPBF16PS multiplies 16 pairs of adjacent values of a q row and a key
+// row into fp32 sums, one instruction per 32 values where widening K took four and two FMAs. The
+// products of two bf16 are exact in fp32, as on the vector path; denormal inputs read as 0.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void score_block_dot(
+    const c10::BFloat16* q, int64_t rows, const c10::BFloat16* k, int64_t ld, int64_t keys, int64_t head_dim,
+    float scale, float* scores) {
+  static constexpr int kBitReversed[kLanes] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  for (int64_t first = 0; first < keys; first += kLanes) {
+    const int64_t ahead = first + kPrefetchKeys, count = std::min<int64_t>(kLanes, keys - first);
+    prefetch_rows(k, ld, std::min(ahead, keys), std::min(ahead + kLanes, keys), 0, head_dim);
+    const c10::BFloat16* key_rows[kLanes];
+    for (int j = 0; j < kLanes; ++j) key_rows[j] = k + (first + std::min<int64_t>(j, count - 1)) * ld;
+    for (int64_t r = 0; r < rows; ++r) {
+      Floats acc[kLanes] = {};
+      for (int64_t c = 0; c < head_dim; c += kPairChunk) {
+        const __mmask32 in_row = c + kPairChunk <= head_dim ? ~__mmask32{0} : (__mmask32{1} << (head_dim - c)) - 1;
+        const __m512bh q_pairs = (__m512bh)_mm512_maskz_loadu_epi16(in_row, q + r * head_dim + c);
+#pragma GCC unroll 16
+        for (int j = 0; j < kLanes; ++j) {
+          const __m512bh k_pairs = (__m512bh)_mm512_maskz_loadu_epi16(in_row, key_rows[j] + c);
+          acc[kBitReversed[j]] = (Floats)_mm512_dpbf16_ps((__m512)acc[kBitReversed[j]], q_pairs, k_pairs);
+        }
+      }
+      store_lanes(scores + r * keys + first, sum_lanes_of_16(acc) * scale, count);
+    }
+  }
+}
+#else
+void score_block_dot(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int64_t, int64_t, float, float*) {
+  TORCH_CHECK(false, "fastgpt: score_block_dot called where AVX512-BF16 is unavailable");
+}
+#endif
+
 // The 64 values of a V row from column c0 on, in the order of the accumulator's vectors t = 0..3:
 // fp32 in column order, bf16 as two chunks in pair order. Whole: all 64 are columns of the row
 // (constant-size loads); else the row's columns past head_dim read as 0.
@@ -328,6 +365,7 @@ void decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t rows = group * seq_q, pairs = batch * kv_heads;
   const int64_t splits = decode_splits(pairs, seq_k), keys_per_split = (seq_k + splits - 1) / splits;
   const int64_t width = row_width<Elem>(head_dim);  // columns of a query or output row in the buffers
+  const bool use_dot = !std::is_same_v<Elem, float> && bf16_dot_available();
   const Heads q_heads(q), k_heads(k), v_heads(v);
   float* lse_out = lse.data_ptr<float>();
 
@@ -369,6 +407,8 @@ void decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     thread_local std::vector<float> q_buffer, dense_buffer, scores_buffer, acc_buffer, max_buffer, sum_buffer;
     float* q_rows = thread_scratch(q_buffer, rows * width);
     float* dense = thread_scratch(dense_buffer, head_dim);  // one row in column order
+    thread_local std::vector<c10::BFloat16> q_dot_buffer;  // score_block_dot's q rows
+    c10::BFloat16* q_dot = use_dot ? thread_scratch(q_dot_buffer, rows * head_dim) : nullptr;
     Elem* k_tile = thread_scratch(k_buffer, kDecodeBlockK * head_dim);
     Elem* v_tile = thread_scratch(v_buffer, kDecodeBlockK * head_dim);
     float* scores = thread_scratch(scores_buffer, rows * kDecodeBlockK);
@@ -388,6 +428,7 @@ void decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         } else {
           q_heads.load(b, kv_head * group + r / seq_q, r % seq_q, 1, head_dim, dense);
           to_pair_order(dense, head_dim, q_row);
+          if (use_dot) std::copy(dense, dense + head_dim, q_dot + r * head_dim);  // exact: q is bf16
         }
       }
       std::fill(acc, acc + rows * width, 0.f);
@@ -398,7 +439,11 @@ void decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const int64_t block_k = std::min(kDecodeBlockK, key_end - first_key);
         const Tile<Elem> k_rows = k_heads.tile(b, kv_head, first_key, block_k, head_dim, k_tile);
         const Tile<Elem> v_rows = v_heads.tile(b, kv_head, first_key, block_k, head_dim, v_tile);
-        score_block(q_rows, rows, k_rows.data, k_rows.ld, block_k, head_dim, static_cast<float>(scale), scores);
+        const float score_scale = static_cast<float>(scale);
+        if constexpr (!std::is_same_v<Elem, float>) {
+          if (use_dot) score_block_dot(q_dot, rows, k_rows.data, k_rows.ld, block_k, head_dim, score_scale, scores);
+        }
+        if (!use_dot) score_block(q_rows, rows, k_rows.data, k_rows.ld, block_k, head_dim, score_scale, scores);
 
         // online softmax, as in the tiled forward; only the last keys are ever masked (bottom-right)
         for (int64_t r = 0; r < rows; ++r) {

@@ -192,11 +192,20 @@ void gemm(Transpose transpose_a, Transpose transpose_b, int64_t m, int64_t n, in
                          reinterpret_cast<const uint16_t*>(b), static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
 }
 
+bool bf16_dot_available() {
+#ifdef FASTGPT_BF16_PAIRS
+  static const bool usable = __builtin_cpu_supports("avx512bf16");
+  return usable && !force_aten_gemm.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
 bool bf16_pairs_available() {
 #ifdef FASTGPT_BF16_PAIRS
   // where the CPU has AMX, MKL's bf16 product runs on it (bf16_gemm_available) and is left to that
-  static const bool usable = __builtin_cpu_supports("avx512bf16") && !__builtin_cpu_supports("amx-bf16");
-  return usable && !force_aten_gemm.load(std::memory_order_relaxed);
+  static const bool has_amx = __builtin_cpu_supports("amx-bf16");
+  return !has_amx && bf16_dot_available();
 #else
   return false;
 #endif

@@ -37,8 +37,11 @@ void gemm(Transpose transpose_a, Transpose transpose_b, int64_t m, int64_t n, in
 void gemm_bf16_pairs(int64_t m, int64_t n, int64_t k_pairs, float alpha, const c10::BFloat16* a, int64_t lda,
                      const c10::BFloat16* b, int64_t ldb, bool accumulate, float* c, int64_t ldc);
 
-// Whether this CPU has AVX512-BF16 and no AMX (and the portable path is not forced): on AMX, MKL's
-// bf16 product (above) is the one to use.
+// Whether this CPU has AVX512-BF16's dot product VDPBF16PS (and the portable path is not forced).
+bool bf16_dot_available();
+
+// Whether bf16_dot_available() and this CPU has no AMX: on AMX, MKL's bf16 product (above) is the
+// one to use.
 bool bf16_pairs_available();
 
 // Whether torch exports MKL's bf16 product and this CPU has bf16 units (and the portable path is not
@@ -49,7 +52,7 @@ bool bf16_gemm_available();
 const char* gemm_path();
 
 // Test hook: route every fp32 gemm() through at::cpu::addmm_ even where the BLAS is available, and
-// report the bf16 product unavailable.
+// report the bf16 products unavailable.
 void set_force_aten_gemm(bool enabled);
 
 }  // namespace fastgpt::cpu
