@@ -34,11 +34,11 @@ head dim 256 the plain kernels' stack stands for the variants'.
 Run it after changing a kernel or a configuration list; ``tests/test_attention_triton_aot.py``
 recompiles part of each table in CI (all of them with FASTGPT_AOT_FULL=1) and fails on any
 difference. The plain table: 280 compiles (its 130 fp32 ones took 476 s on 2 busy cores); the
-variant table: bf16 727 compiles in two rounds (720, then 7 fallback tiles where every other one
-spilled), 21 minutes on 2 busy cores; fp32 848 compiles, 11 minutes on 2 busy cores (head dims
-64 and 128: 332, then 2 decode tiles where the first one spilled, in 265 s; 16 and 32: 514 in one
-round, 387 s; a spilling fp32 tile of the tuned kernels only drops itself: their fp32 lists have
-no fallback tiles).
+variant table: bf16 742 compiles in two rounds (734, then 8 fallback tiles where every other one
+spilled), 11 minutes on 2 busy cores; fp32 848 compiles in two rounds (846, then 2 decode tiles
+where the first one spilled), 9 minutes (both with the unchanged backward kernels in Triton's cache;
+from a cold cache bf16 took 21 minutes, fp32 11; a spilling fp32 tile of the tuned kernels only
+drops itself: their fp32 lists have no fallback tiles).
 """
 
 import argparse
