@@ -225,6 +225,7 @@ def run_train(args):
         raise CheckpointError(f"no checkpoint at {os.path.join(args.out, CHECKPOINT_NAME)} or {SHARDED_NAME}{where}")
     lock = _lock_out(args.out) if rank == 0 else None  # the one rank that writes there
     context = distributed.SINGLE
+    finished = False  # every rank got through training: leaving may wait for the others
     try:
         if lock is not None:
             removed = remove_interrupted_saves(args.out)
@@ -235,6 +236,7 @@ def run_train(args):
         trainer = _trainer(args, device, text, context, say)
         try:
             trainer.run(ckpt_file, progress=not args.no_progress)
+            finished = True
         except Interrupted as exc:
             return 128 + exc.signum
         except KeyboardInterrupt:
@@ -247,10 +249,10 @@ def run_train(args):
             # a sharded model's weights are spread over the ranks: read the checkpoint back whole while
             # --out is still locked (a later run could replace it), outside the process group (else
             # the load would wait for the other ranks)
-            distributed.shutdown(context)
+            distributed.shutdown(context, drain=True)
             model = load_model(ckpt_file, device, args.backend)[0]
     finally:
-        distributed.shutdown(context)
+        distributed.shutdown(context, drain=finished)
         if lock is not None:
             lock.release()
     if not context.is_main:

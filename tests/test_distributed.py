@@ -82,6 +82,7 @@ def two_rank_worker(rank, folder, port):
         if rank == 0:
             with open(os.path.join(folder, "results.json"), "w") as f:
                 json.dump(results, f)
+        distributed.shutdown(context, drain=True)
     finally:
         distributed.shutdown(context)
 
@@ -189,6 +190,7 @@ def fsdp_worker(rank, folder, port):
         if rank == 0:
             with open(os.path.join(folder, "fsdp_results.json"), "w") as f:
                 json.dump(results, f)
+        distributed.shutdown(context, drain=True)
     finally:
         distributed.shutdown(context)
 
