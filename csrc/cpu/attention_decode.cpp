@@ -122,13 +122,24 @@ __attribute__((always_inline)) inline Floats sum_lanes_of_16(const Floats* x) {
          __builtin_shufflevector(w[0], w[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
 }
 
+// The vector that sum_lanes_of_16 sums into lane j: accumulating key j's products in
+// acc[kBitReversed[j]] leaves the 16 keys' scores in order.
+constexpr int kBitReversed[kLanes] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+// rows[j] = the row of key j < count <= kLanes at k + j * ld; keys past count repeat the last one
+// (their scores are computed and not stored), so every product reads a real row.
+template <typename Elem>
+__attribute__((always_inline)) inline void rows_of_16_keys(const Elem* k, int64_t ld, int64_t count,
+                                                           const Elem** rows) {
+  for (int j = 0; j < kLanes; ++j) rows[j] = k + std::min<int64_t>(j, count - 1) * ld;
+}
+
 // scores[j] = scale * (q . k_j) for the keys j < count <= kLanes, k_j at k + j * ld. Keys past count
 // repeat the last one (their scores are not stored). Each lane group of q is loaded once for 16 keys.
 __attribute__((always_inline)) inline void score_16_keys(const float* q, const float* k, int64_t ld, int64_t count,
                                                          int64_t head_dim, float scale, float* scores) {
-  static constexpr int kBitReversed[kLanes] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
   const float* rows[kLanes];
-  for (int j = 0; j < kLanes; ++j) rows[j] = k + std::min<int64_t>(j, count - 1) * ld;
+  rows_of_16_keys(k, ld, count, rows);
   Floats acc[kLanes] = {};
   int64_t c = 0;
   for (; c + kLanes <= head_dim; c += kLanes) {
@@ -147,9 +158,8 @@ __attribute__((always_inline)) inline void score_16_keys(const float* q, const f
 __attribute__((always_inline)) inline void score_16_keys(const float* q, const c10::BFloat16* k, int64_t ld,
                                                          int64_t count, int64_t head_dim, float scale,
                                                          float* scores) {
-  static constexpr int kBitReversed[kLanes] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
   const c10::BFloat16* rows[kLanes];
-  for (int j = 0; j < kLanes; ++j) rows[j] = k + std::min<int64_t>(j, count - 1) * ld;
+  rows_of_16_keys(k, ld, count, rows);
   Floats acc[kLanes] = {};
   auto chunk = [&](int64_t c, int64_t values) __attribute__((always_inline)) {
     const Floats q_even = load_lanes(q + c), q_odd = load_lanes(q + c + kLanes);
@@ -215,12 +225,11 @@ FASTGPT_CPU_DISPATCH void score_block(const float* q, int64_t rows, const c10::B
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void score_block_dot(
     const c10::BFloat16* q, int64_t rows, const c10::BFloat16* k, int64_t ld, int64_t keys, int64_t head_dim,
     float scale, float* scores) {
-  static constexpr int kBitReversed[kLanes] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
   for (int64_t first = 0; first < keys; first += kLanes) {
     const int64_t ahead = first + kPrefetchKeys, count = std::min<int64_t>(kLanes, keys - first);
     prefetch_rows(k, ld, std::min(ahead, keys), std::min(ahead + kLanes, keys), 0, head_dim);
     const c10::BFloat16* key_rows[kLanes];
-    for (int j = 0; j < kLanes; ++j) key_rows[j] = k + (first + std::min<int64_t>(j, count - 1)) * ld;
+    rows_of_16_keys(k + first * ld, ld, count, key_rows);
     for (int64_t r = 0; r < rows; ++r) {
       Floats acc[kLanes] = {};
       for (int64_t c = 0; c < head_dim; c += kPairChunk) {
@@ -366,6 +375,7 @@ void decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t splits = decode_splits(pairs, seq_k), keys_per_split = (seq_k + splits - 1) / splits;
   const int64_t width = row_width<Elem>(head_dim);  // columns of a query or output row in the buffers
   const bool use_dot = !std::is_same_v<Elem, float> && bf16_dot_available();
+  const float score_scale = static_cast<float>(scale);
   const Heads q_heads(q), k_heads(k), v_heads(v);
   float* lse_out = lse.data_ptr<float>();
 
@@ -439,7 +449,6 @@ void decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const int64_t block_k = std::min(kDecodeBlockK, key_end - first_key);
         const Tile<Elem> k_rows = k_heads.tile(b, kv_head, first_key, block_k, head_dim, k_tile);
         const Tile<Elem> v_rows = v_heads.tile(b, kv_head, first_key, block_k, head_dim, v_tile);
-        const float score_scale = static_cast<float>(scale);
         if constexpr (!std::is_same_v<Elem, float>) {
           if (use_dot) score_block_dot(q_dot, rows, k_rows.data, k_rows.ld, block_k, head_dim, score_scale, scores);
         }
